@@ -90,28 +90,29 @@ def clip_rays(source: torch.Tensor, target: torch.Tensor, lo: torch.Tensor, hi: 
 def _march(density, labels, n_channels, source, target, lo, hi, n_samples):
     """``g`` for one chunk of rays. source (R or 1, 3), target (R, 3) -> (C, R)."""
     t0, length = clip_rays(source, target, lo, hi)  # [R], [R]
-    u = (torch.arange(n_samples, device=target.device, dtype=target.dtype) + 0.5) / n_samples
-    t = t0[:, None] + length[:, None] * u  # [R, S]
-    points = source[:, None, :] + t[..., None] * (target - source)[:, None, :]  # [R, S, 3]
-
+    d = target - source  # [R, 3]
     # grid_sample wants (x, y, z) = (k, j, i) normalised so that -1 and 1 are the outer faces of
     # the grid (align_corners=False); zero padding then makes it the zero-extended tent interpolant.
-    size = torch.tensor(density.shape[::-1], device=points.device, dtype=points.dtype)
-    grid = (2.0 * points.flip(-1) + 1.0) / size - 1.0
+    # That map is affine, so sample k of a ray is first + (k + 1/2) * stride in grid coordinates.
+    scale = 2.0 / torch.tensor(density.shape[::-1], device=target.device, dtype=target.dtype)  # [3]
+    first = (source + t0[:, None] * d).flip(-1) * scale + (scale / 2 - 1)  # [R, 3]
+    stride = d.flip(-1) * scale * (length / n_samples)[:, None]  # [R, 3]
+    u = torch.arange(n_samples, device=target.device, dtype=target.dtype) + 0.5  # [S]
+    grid = torch.addcmul(first[:, None, :], u[None, :, None], stride[:, None, :])  # [R, S, 3]
     grid = grid[None, :, :, None, :]  # [1, R, S, 1, 3]
     values = F.grid_sample(
-        density[None, None].to(points.dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        density[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False
     )[0, 0, :, :, 0]  # [R, S]
-    scale = length / n_samples  # [R]
+    weight = length / n_samples  # [R]
     if labels is None:
-        return (values.sum(dim=-1) * scale)[None]
+        return (values.sum(dim=-1) * weight)[None]
     # Each sample goes to the channel of the nearest voxel's label (round half to even).
     label = F.grid_sample(
-        labels[None, None].to(points.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False
+        labels[None, None].to(grid.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False
     )[0, 0, :, :, 0].long()  # [R, S]
     out = torch.zeros(values.shape[0], n_channels, device=values.device, dtype=values.dtype)
     out.scatter_add_(1, label.clamp(0, n_channels - 1), values)
-    return (out * scale[:, None]).T
+    return (out * weight[:, None]).T
 
 
 class _Raymarch(torch.autograd.Function):
@@ -180,7 +181,7 @@ def raymarch(
     """Midpoint-rule integral of the density over ``t`` in [0, 1] along each ray (module docstring).
 
     Args:
-        density: (I, J, K) float tensor; fp16/bf16 volumes are sampled in the rays' dtype.
+        density: (I, J, K) float tensor; other dtypes than the rays' are converted once per call.
         source: (B, 1, 3) or (B, N, 3) ray starts in index coordinates.
         target: (B, N, 3) ray ends in index coordinates.
         lo, hi: box corners (3 floats each, index coordinates) outside which the field is zero.
@@ -204,6 +205,8 @@ def raymarch(
     else:
         flat_source = source.expand(batch, n_rays, 3).reshape(batch * n_rays, 3)
     chunk_rays = max(1, chunk_samples // max(n_samples, 1))
+    if density.dtype != target.dtype:  # grid_sample needs one dtype: fp16/bf16 volumes are upcast once per call
+        density = density.to(target.dtype)
     channels = n_channels if labels is not None else 1
     out = _Raymarch.apply(density, flat_source, flat_target, labels, channels, lo_t, hi_t, n_samples, chunk_rays)
     return out.reshape(channels, batch, n_rays).transpose(0, 1)
