@@ -132,7 +132,7 @@ def test_volume_gradient_is_the_adjoint():
     x, y = volume(shape, seed=1).requires_grad_(), torch.randn(1, 1, 40, dtype=torch.float64)
     ax = render(x, affine, source, target, n_samples=33)
     (aty,) = torch.autograd.grad(ax, x, y)
-    assert float((ax * y).sum()) == pytest.approx(float((x.detach() * aty).sum()), rel=1e-12)
+    assert float((ax.detach() * y).sum()) == pytest.approx(float((x.detach() * aty).sum()), rel=1e-12)
     # A^T y at one voxel is <A e, y> for that voxel's basis vector e (same box: the whole support).
     e = torch.zeros(shape, dtype=torch.float64)
     e[4, 3, 4] = 1.0
