@@ -1,0 +1,625 @@
+r"""Fused ray marching through a trilinear volume: forward and backward Triton kernels, then launchers.
+
+The kernels compute exactly ``tritondrr.reference.raymarch`` (no labels) for flat rays: pose ``b``,
+ray ``r``, source ``s`` (shared per pose or per ray), target ``e``, all in index coordinates.
+
+Forward, per ray::
+
+    d  = e - s;  dm_a = TINY if |d_a| < TINY else d_a          (dm only in the slab test)
+    tmin_a = min((lo_a - s_a) / dm_a, (hi_a - s_a) / dm_a),  tmax_a = max(...)
+    t0 = max(0, max_a tmin_a),  t1 = min(1, min_a tmax_a),  L = max(t1 - t0, 0)
+    u_k = (k + 1/2) / S,  t_k = t0 + u_k L,  p_k = s + t_k d               (raw d, not dm)
+    g  = L / S * F,  F = sum_k f(p_k)
+
+``f`` is the tent interpolant of the zero-extended grid: the 8 corners of the cell containing
+``p`` are loaded under masks (corner inside the grid), so samples anywhere in the support
+``[-1, I] x [-1, J] x [-1, K]`` -- or outside it -- are exact without padding the volume.
+
+Backward, with ``w = dLoss/dg`` and the per-ray sums over samples (computed in one pass)::
+
+    F = sum_k f(p_k),  G = sum_k grad f(p_k),  U = sum_k u_k grad f(p_k)      (G, U: 3-vectors)
+    H = sum_k t_k grad f(p_k) = t0 G + L U,  D0 = G . d,  D1 = U . d
+
+    dg/ds_a = F/S dL/ds_a + L/S (G_a - H_a + D0 dt0/ds_a + D1 dL/ds_a)
+    dg/de_a = F/S dL/de_a + L/S (H_a      + D0 dt0/de_a + D1 dL/de_a)
+
+from ``dp_k/ds = (1 - t_k) I + d (dt_k/ds)^T``, ``dp_k/de = t_k I + d (dt_k/de)^T`` and
+``dt_k = dt0 + u_k dL``. The clip terms: a slab parameter ``t = (P - s_a) / d_a`` (``P`` = lo_a
+or hi_a, the same formula for both planes) has ``dt/ds_a = (t - 1) / d_a`` and
+``dt/de_a = -t / d_a``; where ``|d_a| < TINY`` was replaced, ``dt/ds_a = -1/TINY`` and
+``dt/de_a = 0`` (the replacement is a constant). ``dt0`` is that derivative for the axis whose
+``tmin`` is the maximum (ties share the gradient equally, as ``torch.amax`` does), gated by
+``max_a tmin_a >= 0`` (``clamp(min=0)`` passes the gradient at equality); likewise ``dt1`` with
+``tmax``, the minimum and ``<= 1``; ``dL = (dt1 - dt0)`` gated by ``t1 - t0 >= 0``. These match
+the reference's autograd gradients, including ties.
+
+The volume gradient is the exact adjoint: ``dg/dV[c] = L/S sum_k weight_c(p_k)``, scattered with
+``atomic_add`` of ``w L/S`` times the same trilinear weights and masks as the forward loads. In
+the deterministic mode each contribution is rounded to a 64-bit fixed-point integer with a
+power-of-two scale ``2^(60 - ceil(log2 sum_r |w_r|))`` (a bound on every voxel's total, since a
+ray's weights sum to at most ``L <= 1``) and added with integer atomics: integer addition is
+associative, so the result is bitwise repeatable whatever the order of the atomics. Memory: one
+int64 buffer the size of the volume (8 bytes per voxel, against 4 for the float32 atomic
+buffer); resolution ``2^-60 sum_r |w_r|`` per contribution.
+
+Layout: the grid is ``(cdiv(N, BLOCK_R), B)``; a program takes ``BLOCK_R`` consecutive rays of one
+pose (a run of detector pixels along a row when rays are row-major) and marches them in chunks
+of ``BLOCK_S`` samples as a ``[BLOCK_R, BLOCK_S]`` block, accumulating in the rays' dtype (fp32,
+or fp64 for gradchecks) whatever the volume's dtype (fp32/fp16/bf16/fp64 loads are upcast). A
+1-D run of rays is used because the op sees flat rays (no detector shape); consecutive rays
+are spatial neighbours, which is what the gathers' cache reuse needs. ``INT64`` (constexpr) turns
+on int64 offsets when the volume or the rays pass 2^31 elements.
+
+Labelmap hook (not implemented): channels would be a constexpr ``N_CHANNELS`` with a per-sample
+label gathered from the nearest voxel (round half to even) routing each sample's value into one
+of ``N_CHANNELS`` accumulators; the output offset already carries the layout ``(B, C, N)`` with
+``C = 1``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "TINY",
+    "raymarch_forward",
+    "raymarch_backward",
+    "launch_config",
+    "needs_int64",
+]
+
+#: Must equal ``tritondrr.reference.TINY`` (a test checks it).
+TINY = 1e-12
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _clip_axis(s, e, lo, hi):
+    """Slab parameters of one axis. s, e: [BLOCK_R]. Returns d (raw), dm, tmin, tmax, small."""
+    d = e - s
+    small = tl.abs(d) < 1e-12  # TINY: replaced components carry no gradient
+    dm = tl.where(small, 1e-12, d)
+    t_lo = (lo - s) / dm
+    t_hi = (hi - s) / dm
+    return d, dm, tl.minimum(t_lo, t_hi), tl.maximum(t_lo, t_hi), small
+
+
+@triton.jit
+def _cell(x, n, INT64: tl.constexpr):
+    """Cell of coordinate x [R, S] on an axis of n voxels: base index, fraction, corner masks."""
+    # Clamping to [-2, n + 1] changes nothing inside the support (beyond it every corner is
+    # masked) and keeps the float -> int conversion in range for rays far outside the volume.
+    x = tl.minimum(tl.maximum(x, -2.0), n + 1.0)
+    fl = tl.floor(x)
+    frac = x - fl
+    if INT64:
+        i0 = fl.to(tl.int64)
+    else:
+        i0 = fl.to(tl.int32)
+    m0 = (i0 >= 0) & (i0 < n)  # corner i0 inside the grid
+    m1 = (i0 >= -1) & (i0 < n - 1)  # corner i0 + 1 inside the grid
+    return i0, frac, m0, m1
+
+
+@triton.jit
+def _load_ray(src_ptr, tgt_ptr, pid_b, rays, n_rays, src_stride_b, src_stride_r, mask_r):
+    """Source and target coordinates of BLOCK_R rays. All [BLOCK_R]."""
+    src = src_ptr + pid_b * src_stride_b + rays * src_stride_r
+    tgt = tgt_ptr + (pid_b * n_rays + rays) * 3
+    sx = tl.load(src + 0, mask=mask_r, other=0.0)
+    sy = tl.load(src + 1, mask=mask_r, other=0.0)
+    sz = tl.load(src + 2, mask=mask_r, other=0.0)
+    ex = tl.load(tgt + 0, mask=mask_r, other=0.0)
+    ey = tl.load(tgt + 1, mask=mask_r, other=0.0)
+    ez = tl.load(tgt + 2, mask=mask_r, other=0.0)
+    return sx, sy, sz, ex, ey, ez
+
+
+@triton.jit
+def _ray_block(pid_r, INT64: tl.constexpr, BLOCK_R: tl.constexpr):
+    if INT64:
+        pid_r = pid_r.to(tl.int64)
+    return pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+
+
+@triton.jit
+def _raymarch_fwd_kernel(
+    vol_ptr,  # (I, J, K) contiguous, fp32/fp16/bf16/fp64
+    src_ptr,  # (B, 1, 3) or (B, N, 3) contiguous, fp32/fp64
+    tgt_ptr,  # (B, N, 3) contiguous, same dtype as src
+    out_ptr,  # (B, 1, N) in the rays' dtype
+    n_rays,
+    src_stride_b,  # 3 for a shared source, 3 N otherwise
+    src_stride_r,  # 0 for a shared source, 3 otherwise
+    size_i,
+    size_j,
+    size_k,
+    stride_i,  # J K
+    stride_j,  # K
+    lo0,
+    lo1,
+    lo2,
+    hi0,
+    hi1,
+    hi2,
+    n_samples,
+    INT64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    CDT = src_ptr.dtype.element_ty  # accumulation dtype: the rays' (fp32, or fp64 in tests)
+    pid_r = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    if INT64:
+        pid_b = pid_b.to(tl.int64)
+    rays = _ray_block(pid_r, INT64, BLOCK_R)  # [BLOCK_R]
+    mask_r = rays < n_rays
+    sx, sy, sz, ex, ey, ez = _load_ray(src_ptr, tgt_ptr, pid_b, rays, n_rays, src_stride_b, src_stride_r, mask_r)
+
+    dx, dmx, tmin_x, tmax_x, small_x = _clip_axis(sx, ex, lo0, hi0)
+    dy, dmy, tmin_y, tmax_y, small_y = _clip_axis(sy, ey, lo1, hi1)
+    dz, dmz, tmin_z, tmax_z, small_z = _clip_axis(sz, ez, lo2, hi2)
+    t0 = tl.maximum(tl.maximum(tl.maximum(tmin_x, tmin_y), tmin_z), 0.0)  # [BLOCK_R]
+    t1 = tl.minimum(tl.minimum(tl.minimum(tmax_x, tmax_y), tmax_z), 1.0)
+    length = tl.maximum(t1 - t0, 0.0)
+    # Missed rays (L = 0) may have t0 >> 1: sample them at t <= 1 so positions stay finite.
+    t0s = tl.minimum(t0, 1.0)
+    hit = mask_r & (length > 0)  # rays with L = 0 need no loads at all
+
+    acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
+    for start in range(0, n_samples, BLOCK_S):
+        k = start + tl.arange(0, BLOCK_S)  # [BLOCK_S]
+        u = (k.to(CDT) + 0.5) / n_samples
+        t = t0s[:, None] + length[:, None] * u[None, :]  # [BLOCK_R, BLOCK_S]
+        m = hit[:, None] & (k < n_samples)[None, :]
+        ix, fx, mi0, mi1 = _cell(sx[:, None] + t * dx[:, None], size_i, INT64)
+        iy, fy, mj0, mj1 = _cell(sy[:, None] + t * dy[:, None], size_j, INT64)
+        iz, fz, mk0, mk1 = _cell(sz[:, None] + t * dz[:, None], size_k, INT64)
+        base = vol_ptr + (ix * stride_i + iy * stride_j + iz)  # [BLOCK_R, BLOCK_S]
+        m00 = m & mj0 & mk0
+        m01 = m & mj0 & mk1
+        m10 = m & mj1 & mk0
+        m11 = m & mj1 & mk1
+        v000 = tl.load(base, mask=m00 & mi0, other=0.0).to(CDT)
+        v001 = tl.load(base + 1, mask=m01 & mi0, other=0.0).to(CDT)
+        v010 = tl.load(base + stride_j, mask=m10 & mi0, other=0.0).to(CDT)
+        v011 = tl.load(base + stride_j + 1, mask=m11 & mi0, other=0.0).to(CDT)
+        v100 = tl.load(base + stride_i, mask=m00 & mi1, other=0.0).to(CDT)
+        v101 = tl.load(base + stride_i + 1, mask=m01 & mi1, other=0.0).to(CDT)
+        v110 = tl.load(base + stride_i + stride_j, mask=m10 & mi1, other=0.0).to(CDT)
+        v111 = tl.load(base + stride_i + stride_j + 1, mask=m11 & mi1, other=0.0).to(CDT)
+        # Interpolate along k, then j, then i.
+        c00 = v000 + fz * (v001 - v000)
+        c01 = v010 + fz * (v011 - v010)
+        c10 = v100 + fz * (v101 - v100)
+        c11 = v110 + fz * (v111 - v110)
+        c0 = c00 + fy * (c01 - c00)
+        c1 = c10 + fy * (c11 - c10)
+        acc += c0 + fx * (c1 - c0)
+        # Labelmap hook: a per-sample channel index would select one of N_CHANNELS accumulators here.
+
+    g = tl.sum(acc, axis=1) * (length / n_samples)  # [BLOCK_R]
+    tl.store(out_ptr + pid_b * n_rays + rays, g.to(out_ptr.dtype.element_ty), mask=mask_r)
+
+
+@triton.jit
+def _slab_grad(t, dm, small):
+    """d t / d s_a and d t / d e_a of a slab parameter t = (P - s_a) / dm_a. All [BLOCK_R]."""
+    dts = tl.where(small, -1.0 / dm, (t - 1.0) / dm)
+    dte = tl.where(small, 0.0, -t / dm)
+    return dts, dte
+
+
+@triton.jit
+def _scatter(ptr, val, mask, fixed, DETERMINISTIC: tl.constexpr):
+    """Atomic add of val [BLOCK_R, BLOCK_S] into the volume-gradient buffer."""
+    if DETERMINISTIC:
+        # 64-bit fixed point: integer atomics commute, so the total is bitwise repeatable.
+        tl.atomic_add(ptr, tl.floor(val * fixed + 0.5).to(tl.int64), mask=mask, sem="relaxed")
+    else:
+        tl.atomic_add(ptr, val.to(ptr.dtype.element_ty), mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _raymarch_bwd_kernel(
+    vol_ptr,  # (I, J, K) contiguous
+    src_ptr,  # (B, 1, 3) or (B, N, 3)
+    tgt_ptr,  # (B, N, 3)
+    grad_out_ptr,  # (B, 1, N) contiguous, the rays' dtype
+    grad_src_ptr,  # (B, N, 3) per-ray source gradient (summed over rays by the launcher if shared)
+    grad_tgt_ptr,  # (B, N, 3)
+    grad_vol_ptr,  # (I, J, K): fp32/fp64 atomic buffer, or int64 fixed point when DETERMINISTIC
+    scale_ptr,  # (1,) fp64 fixed-point scale (DETERMINISTIC only)
+    n_rays,
+    src_stride_b,
+    src_stride_r,
+    size_i,
+    size_j,
+    size_k,
+    stride_i,
+    stride_j,
+    lo0,
+    lo1,
+    lo2,
+    hi0,
+    hi1,
+    hi2,
+    n_samples,
+    NEED_POSE_GRAD: tl.constexpr,
+    NEED_VOLUME_GRAD: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    INT64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    CDT = src_ptr.dtype.element_ty
+    pid_r = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    if INT64:
+        pid_b = pid_b.to(tl.int64)
+    rays = _ray_block(pid_r, INT64, BLOCK_R)  # [BLOCK_R]
+    mask_r = rays < n_rays
+    sx, sy, sz, ex, ey, ez = _load_ray(src_ptr, tgt_ptr, pid_b, rays, n_rays, src_stride_b, src_stride_r, mask_r)
+    w = tl.load(grad_out_ptr + pid_b * n_rays + rays, mask=mask_r, other=0.0).to(CDT)  # [BLOCK_R]
+
+    dx, dmx, tmin_x, tmax_x, small_x = _clip_axis(sx, ex, lo0, hi0)
+    dy, dmy, tmin_y, tmax_y, small_y = _clip_axis(sy, ey, lo1, hi1)
+    dz, dmz, tmin_z, tmax_z, small_z = _clip_axis(sz, ez, lo2, hi2)
+    t0m = tl.maximum(tl.maximum(tmin_x, tmin_y), tmin_z)  # [BLOCK_R]
+    t1m = tl.minimum(tl.minimum(tmax_x, tmax_y), tmax_z)
+    t0 = tl.maximum(t0m, 0.0)
+    t1 = tl.minimum(t1m, 1.0)
+    length = tl.maximum(t1 - t0, 0.0)
+    t0s = tl.minimum(t0, 1.0)
+    hit = mask_r & (length > 0)
+    # Rays with L = 0 and t1 == t0 still get the dL term (clamp passes the gradient at 0), so
+    # their samples (all at t0 <= 1) must be evaluated; other misses need no loads.
+    live = mask_r & (t1 - t0 >= 0)
+    scale = length / n_samples  # [BLOCK_R]
+    wscale = w * scale
+
+    acc_f = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
+    acc_gx = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
+    acc_gy = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
+    acc_gz = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
+    acc_ux = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
+    acc_uy = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
+    acc_uz = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
+    if DETERMINISTIC:
+        fixed = tl.load(scale_ptr)  # fp64 power of two
+    else:
+        fixed = 1.0  # unused
+    for start in range(0, n_samples, BLOCK_S):
+        k = start + tl.arange(0, BLOCK_S)  # [BLOCK_S]
+        u = (k.to(CDT) + 0.5) / n_samples
+        t = t0s[:, None] + length[:, None] * u[None, :]  # [BLOCK_R, BLOCK_S]
+        m = live[:, None] & (k < n_samples)[None, :]
+        ix, fx, mi0, mi1 = _cell(sx[:, None] + t * dx[:, None], size_i, INT64)
+        iy, fy, mj0, mj1 = _cell(sy[:, None] + t * dy[:, None], size_j, INT64)
+        iz, fz, mk0, mk1 = _cell(sz[:, None] + t * dz[:, None], size_k, INT64)
+        off = ix * stride_i + iy * stride_j + iz  # [BLOCK_R, BLOCK_S]
+        m00 = m & mj0 & mk0
+        m01 = m & mj0 & mk1
+        m10 = m & mj1 & mk0
+        m11 = m & mj1 & mk1
+        if NEED_POSE_GRAD:
+            base = vol_ptr + off
+            v000 = tl.load(base, mask=m00 & mi0, other=0.0).to(CDT)
+            v001 = tl.load(base + 1, mask=m01 & mi0, other=0.0).to(CDT)
+            v010 = tl.load(base + stride_j, mask=m10 & mi0, other=0.0).to(CDT)
+            v011 = tl.load(base + stride_j + 1, mask=m11 & mi0, other=0.0).to(CDT)
+            v100 = tl.load(base + stride_i, mask=m00 & mi1, other=0.0).to(CDT)
+            v101 = tl.load(base + stride_i + 1, mask=m01 & mi1, other=0.0).to(CDT)
+            v110 = tl.load(base + stride_i + stride_j, mask=m10 & mi1, other=0.0).to(CDT)
+            v111 = tl.load(base + stride_i + stride_j + 1, mask=m11 & mi1, other=0.0).to(CDT)
+            # Along k: values and k-differences of the four (i, j) edges.
+            c00 = v000 + fz * (v001 - v000)
+            c01 = v010 + fz * (v011 - v010)
+            c10 = v100 + fz * (v101 - v100)
+            c11 = v110 + fz * (v111 - v110)
+            e00 = v001 - v000
+            e01 = v011 - v010
+            e10 = v101 - v100
+            e11 = v111 - v110
+            # Along j.
+            c0 = c00 + fy * (c01 - c00)
+            c1 = c10 + fy * (c11 - c10)
+            dz0 = e00 + fy * (e01 - e00)
+            dz1 = e10 + fy * (e11 - e10)
+            # Along i: value and the three partial derivatives.
+            f = c0 + fx * (c1 - c0)
+            gx = c1 - c0
+            gy = (c01 - c00) + fx * ((c11 - c10) - (c01 - c00))
+            gz = dz0 + fx * (dz1 - dz0)
+            acc_f += f
+            acc_gx += gx
+            acc_gy += gy
+            acc_gz += gz
+            acc_ux += u[None, :] * gx
+            acc_uy += u[None, :] * gy
+            acc_uz += u[None, :] * gz
+        if NEED_VOLUME_GRAD:
+            # Adjoint of the 8 loads: the same offsets, masks and weights, times w L / S.
+            mv = hit[:, None]
+            gx1 = fx
+            gx0 = 1.0 - fx
+            a00 = wscale[:, None] * (1.0 - fy) * (1.0 - fz)  # [BLOCK_R, BLOCK_S]
+            a01 = wscale[:, None] * (1.0 - fy) * fz
+            a10 = wscale[:, None] * fy * (1.0 - fz)
+            a11 = wscale[:, None] * fy * fz
+            ptr = grad_vol_ptr + off
+            _scatter(ptr, gx0 * a00, mv & m00 & mi0, fixed, DETERMINISTIC)
+            _scatter(ptr + 1, gx0 * a01, mv & m01 & mi0, fixed, DETERMINISTIC)
+            _scatter(ptr + stride_j, gx0 * a10, mv & m10 & mi0, fixed, DETERMINISTIC)
+            _scatter(ptr + stride_j + 1, gx0 * a11, mv & m11 & mi0, fixed, DETERMINISTIC)
+            _scatter(ptr + stride_i, gx1 * a00, mv & m00 & mi1, fixed, DETERMINISTIC)
+            _scatter(ptr + stride_i + 1, gx1 * a01, mv & m01 & mi1, fixed, DETERMINISTIC)
+            _scatter(ptr + stride_i + stride_j, gx1 * a10, mv & m10 & mi1, fixed, DETERMINISTIC)
+            _scatter(ptr + stride_i + stride_j + 1, gx1 * a11, mv & m11 & mi1, fixed, DETERMINISTIC)
+
+    if NEED_POSE_GRAD:
+        F = tl.sum(acc_f, axis=1)  # [BLOCK_R]
+        Gx = tl.sum(acc_gx, axis=1)
+        Gy = tl.sum(acc_gy, axis=1)
+        Gz = tl.sum(acc_gz, axis=1)
+        Ux = tl.sum(acc_ux, axis=1)
+        Uy = tl.sum(acc_uy, axis=1)
+        Uz = tl.sum(acc_uz, axis=1)
+        Hx = t0 * Gx + length * Ux  # sum_k t_k grad f
+        Hy = t0 * Gy + length * Uy
+        Hz = t0 * Gz + length * Uz
+        D0 = Gx * dx + Gy * dy + Gz * dz
+        D1 = Ux * dx + Uy * dy + Uz * dz
+
+        # Clip terms. t0 = clamp(max_a tmin_a, min=0): the argmax axes share the gradient.
+        sel0x = (tmin_x == t0m).to(CDT)
+        sel0y = (tmin_y == t0m).to(CDT)
+        sel0z = (tmin_z == t0m).to(CDT)
+        gate0 = tl.where(t0m >= 0.0, 1.0 / (sel0x + sel0y + sel0z), 0.0)
+        sel1x = (tmax_x == t1m).to(CDT)
+        sel1y = (tmax_y == t1m).to(CDT)
+        sel1z = (tmax_z == t1m).to(CDT)
+        gate1 = tl.where(t1m <= 1.0, 1.0 / (sel1x + sel1y + sel1z), 0.0)
+        gate_l = (t1 - t0 >= 0.0).to(CDT)
+        a0sx, a0ex = _slab_grad(tmin_x, dmx, small_x)
+        a0sy, a0ey = _slab_grad(tmin_y, dmy, small_y)
+        a0sz, a0ez = _slab_grad(tmin_z, dmz, small_z)
+        a1sx, a1ex = _slab_grad(tmax_x, dmx, small_x)
+        a1sy, a1ey = _slab_grad(tmax_y, dmy, small_y)
+        a1sz, a1ez = _slab_grad(tmax_z, dmz, small_z)
+        dt0_sx = gate0 * sel0x * a0sx
+        dt0_sy = gate0 * sel0y * a0sy
+        dt0_sz = gate0 * sel0z * a0sz
+        dt0_ex = gate0 * sel0x * a0ex
+        dt0_ey = gate0 * sel0y * a0ey
+        dt0_ez = gate0 * sel0z * a0ez
+        dl_sx = gate_l * (gate1 * sel1x * a1sx - dt0_sx)
+        dl_sy = gate_l * (gate1 * sel1y * a1sy - dt0_sy)
+        dl_sz = gate_l * (gate1 * sel1z * a1sz - dt0_sz)
+        dl_ex = gate_l * (gate1 * sel1x * a1ex - dt0_ex)
+        dl_ey = gate_l * (gate1 * sel1y * a1ey - dt0_ey)
+        dl_ez = gate_l * (gate1 * sel1z * a1ez - dt0_ez)
+
+        fs = F / n_samples
+        # The L/S term is zero for L = 0; tl.where keeps huge clip slopes of misses out of it.
+        ls = tl.where(hit, scale, 0.0)
+        wl = w * ls
+        wf = tl.where(live, w * fs, 0.0)
+        gsx = wf * dl_sx + tl.where(hit, wl * (Gx - Hx + D0 * dt0_sx + D1 * dl_sx), 0.0)
+        gsy = wf * dl_sy + tl.where(hit, wl * (Gy - Hy + D0 * dt0_sy + D1 * dl_sy), 0.0)
+        gsz = wf * dl_sz + tl.where(hit, wl * (Gz - Hz + D0 * dt0_sz + D1 * dl_sz), 0.0)
+        gex = wf * dl_ex + tl.where(hit, wl * (Hx + D0 * dt0_ex + D1 * dl_ex), 0.0)
+        gey = wf * dl_ey + tl.where(hit, wl * (Hy + D0 * dt0_ey + D1 * dl_ey), 0.0)
+        gez = wf * dl_ez + tl.where(hit, wl * (Hz + D0 * dt0_ez + D1 * dl_ez), 0.0)
+        gdt = grad_src_ptr.dtype.element_ty
+        o = (pid_b * n_rays + rays) * 3  # [BLOCK_R]
+        tl.store(grad_src_ptr + o + 0, gsx.to(gdt), mask=mask_r)
+        tl.store(grad_src_ptr + o + 1, gsy.to(gdt), mask=mask_r)
+        tl.store(grad_src_ptr + o + 2, gsz.to(gdt), mask=mask_r)
+        tl.store(grad_tgt_ptr + o + 0, gex.to(gdt), mask=mask_r)
+        tl.store(grad_tgt_ptr + o + 1, gey.to(gdt), mask=mask_r)
+        tl.store(grad_tgt_ptr + o + 2, gez.to(gdt), mask=mask_r)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def needs_int64(shape: tuple[int, int, int], n_ray_elements: int) -> bool:
+    """int64 offsets when any offset the kernels form can pass 2^31 - 1.
+
+    Offsets of masked-out corners reach one cell beyond the grid on each side, hence the +2.
+    ``n_ray_elements`` is B * N * 3 (the largest ray-buffer offset).
+    """
+    i, j, k = shape
+    return (i + 2) * (j + 2) * (k + 2) >= 2**31 or n_ray_elements + 3 >= 2**31
+
+
+def launch_config(n_rays: int, n_samples: int, backward: bool = False) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_S, num_warps)`` from the problem size.
+
+    Under the interpreter every Triton op costs ~25 us per program whatever the block size, so
+    one configuration with big blocks. On a GPU the numbers are a starting point, not yet tuned
+    on hardware: 2-D blocks of 2048 (forward) or 1024 (backward: 7 accumulators) samples per
+    program with 4 warps, narrower in rays when there are few rays.
+    """
+    s_pow2 = triton.next_power_of_2(max(n_samples, 1))
+    r_pow2 = triton.next_power_of_2(max(n_rays, 1))
+    if _interpreting():
+        return min(128, max(16, r_pow2)), min(64, max(16, s_pow2)), 1
+    block_s = min(32, max(16, s_pow2))
+    block_r = (32 if backward else 64) if n_rays >= 4096 else 32
+    return min(block_r, max(16, r_pow2)), block_s, 4
+
+
+def _common_args(density, source, target, lo, hi, n_samples):
+    batch, n_rays, _ = target.shape
+    size_i, size_j, size_k = density.shape
+    shared = source.shape[1] == 1
+    src_stride_b = 3 if shared else 3 * n_rays
+    src_stride_r = 0 if shared else 3
+    int64 = needs_int64(tuple(density.shape), batch * n_rays * 3)
+    args = (
+        n_rays,
+        src_stride_b,
+        src_stride_r,
+        size_i,
+        size_j,
+        size_k,
+        size_j * size_k,
+        size_k,
+        float(lo[0]),
+        float(lo[1]),
+        float(lo[2]),
+        float(hi[0]),
+        float(hi[1]),
+        float(hi[2]),
+        n_samples,
+    )
+    return args, int64
+
+
+def _wrap(kernel):
+    # torch.library.wrap_triton makes the launch traceable by torch.compile (inside triton_op);
+    # it returns the kernel itself under the interpreter or when tracing is off.
+    wrap = getattr(torch.library, "wrap_triton", None)
+    return wrap(kernel) if wrap is not None else kernel
+
+
+def raymarch_forward(
+    density: torch.Tensor,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    lo,
+    hi,
+    n_samples: int,
+    *,
+    out: torch.Tensor | None = None,
+    block_r: int | None = None,
+    block_s: int | None = None,
+) -> torch.Tensor:
+    """Launch the forward kernel. Inputs must already be validated and contiguous (``tritondrr.ops``).
+
+    Args:
+        density: (I, J, K) contiguous volume.
+        source: (B, 1, 3) or (B, N, 3) contiguous rays' starts, index coordinates, fp32/fp64.
+        target: (B, N, 3) contiguous, same dtype as ``source``.
+        lo, hi: 3 floats each, the box (index coordinates; passed to the kernel as fp32).
+        n_samples: samples per ray.
+        out: optional (B, 1, N) output buffer (tests pass a NaN-filled one).
+        block_r, block_s: override the launch heuristic (tests of the tail masks).
+
+    Returns:
+        (B, 1, N) in the rays' dtype.
+    """
+    batch, n_rays, _ = target.shape
+    if out is None:
+        out = torch.empty((batch, 1, n_rays), device=target.device, dtype=target.dtype)
+    if batch == 0 or n_rays == 0:
+        return out
+    br, bs, warps = launch_config(n_rays, n_samples)
+    br, bs = block_r or br, block_s or bs
+    args, int64 = _common_args(density, source, target, lo, hi, n_samples)
+    grid = (triton.cdiv(n_rays, br), batch)
+    _wrap(_raymarch_fwd_kernel)[grid](
+        density, source, target, out, *args, INT64=int64, BLOCK_R=br, BLOCK_S=bs, num_warps=warps
+    )
+    return out
+
+
+def fixed_point_scale(grad_out: torch.Tensor) -> torch.Tensor:
+    """(1,) fp64 power of two such that every voxel's fixed-point total stays below 2^60.
+
+    A voxel's gradient is bounded by sum_r |w_r| (a ray's trilinear weights sum to at most
+    L <= 1). Computed on the device: no host synchronisation. NaN when ``grad_out`` is not
+    finite (fixed point cannot hold inf/NaN; the NaN then reaches the result).
+    """
+    bound = grad_out.detach().abs().sum(dtype=torch.float64).reshape(1)
+    exponent = (60.0 - torch.ceil(torch.log2(bound.clamp(min=1e-300)))).clamp(-960.0, 960.0)
+    return torch.where(torch.isfinite(bound), torch.exp2(exponent), torch.nan)
+
+
+def raymarch_backward(
+    grad_out: torch.Tensor,
+    density: torch.Tensor,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    lo,
+    hi,
+    n_samples: int,
+    *,
+    need_pose: bool,
+    need_volume: bool,
+    deterministic: bool = False,
+    block_r: int | None = None,
+    block_s: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the backward kernel: ``(grad_density, grad_source, grad_target)``, None where not asked.
+
+    ``grad_out`` is (B, 1, N) contiguous. ``grad_source`` has ``source``'s shape (per-ray source
+    gradients are summed over rays for a shared source, deterministically). ``grad_density`` has
+    ``density``'s dtype; it is accumulated in fp32 (fp64 for fp64 volumes) with float atomics, or
+    in 64-bit fixed point when ``deterministic`` (bitwise repeatable; module docstring).
+    """
+    batch, n_rays, _ = target.shape
+    dev, rdt = target.device, target.dtype
+    grad_src = grad_tgt = grad_vol = None
+    if need_pose:
+        grad_src = torch.empty((batch, n_rays, 3), device=dev, dtype=rdt)
+        grad_tgt = torch.empty((batch, n_rays, 3), device=dev, dtype=rdt)
+    scale = None
+    if need_volume:
+        if deterministic:
+            grad_vol = torch.zeros(density.shape, device=dev, dtype=torch.int64)
+            scale = fixed_point_scale(grad_out)
+        else:
+            acc_dtype = torch.float64 if density.dtype == torch.float64 else torch.float32
+            grad_vol = torch.zeros(density.shape, device=dev, dtype=acc_dtype)
+    if (need_pose or need_volume) and batch > 0 and n_rays > 0:
+        br, bs, warps = launch_config(n_rays, n_samples, backward=True)
+        br, bs = block_r or br, block_s or bs
+        args, int64 = _common_args(density, source, target, lo, hi, n_samples)
+        grid = (triton.cdiv(n_rays, br), batch)
+        dummy = grad_out  # stands in for buffers a specialisation never touches
+        _wrap(_raymarch_bwd_kernel)[grid](
+            density,
+            source,
+            target,
+            grad_out,
+            grad_src if need_pose else dummy,
+            grad_tgt if need_pose else dummy,
+            grad_vol if need_volume else dummy,
+            scale if scale is not None else dummy,
+            *args,
+            NEED_POSE_GRAD=need_pose,
+            NEED_VOLUME_GRAD=need_volume,
+            DETERMINISTIC=deterministic and need_volume,
+            INT64=int64,
+            BLOCK_R=br,
+            BLOCK_S=bs,
+            num_warps=warps,
+        )
+    if need_pose and source.shape[1] == 1:
+        grad_src = grad_src.sum(dim=1, keepdim=True)
+    if need_volume:
+        if deterministic:
+            # int64 -> fp32 rounds to 24 bits (an fp32 result's precision); both power-of-two
+            # rescales are exact (2^-60 first: 1/scale alone can underflow fp32).
+            out_dtype = torch.float64 if density.dtype == torch.float64 else torch.float32
+            grad_vol = grad_vol.to(out_dtype) * 2.0**-60
+            grad_vol = grad_vol * (2.0**60 / scale).to(out_dtype)
+        grad_vol = grad_vol.to(density.dtype)
+    return grad_vol, grad_src, grad_tgt

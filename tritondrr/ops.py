@@ -1,0 +1,244 @@
+"""The Triton backend as ``torch.library`` custom ops with autograd: ``raymarch``.
+
+``raymarch(density, source, target, lo, hi, n_samples, *, deterministic=False)`` computes
+exactly ``tritondrr.reference.raymarch`` (no labels) with the kernels of
+``tritondrr.kernels.raymarch``. Two ops are registered:
+
+- ``tritondrr::raymarch`` (forward), differentiable with respect to ``density``, ``source``
+  and ``target`` through ``register_autograd``. The autograd context saves the inputs (the
+  rays and a reference to the volume, no samples); the backward recomputes the samples.
+- ``tritondrr::raymarch_backward``: one launch of the backward kernel, which returns the pose
+  gradients (per ray, reduced in registers) and, only when the volume needs a gradient, the
+  volume gradient (atomics; 64-bit fixed point when ``deterministic``).
+
+On a GPU with torch >= 2.6 both are ``torch.library.triton_op`` (their launches go through
+``wrap_triton``, so ``torch.compile`` sees and can inline the Triton kernels); under
+``TRITON_INTERPRET=1`` (tests on CPU) or older torch they are opaque ``custom_op`` with a fake
+implementation, which ``torch.compile`` also traces. This module imports Triton: import it only
+for ``backend="triton"``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from tritondrr.kernels import raymarch as _kernels
+
+__all__ = ["raymarch"]
+
+_VOLUME_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_RAY_DTYPES = (torch.float32, torch.float64)
+_warned_noncontiguous = False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _define(name: str, fn, fake):
+    """``triton_op`` where it can trace the launches (GPU, torch >= 2.6), else ``custom_op`` + fake."""
+    if hasattr(torch.library, "triton_op") and not _interpreting():
+        # triton_op registers ``fn`` itself (traced with fake tensors) as the fake implementation.
+        return torch.library.triton_op(name, fn, mutates_args=())
+    op = torch.library.custom_op(name, fn, mutates_args=())
+    op.register_fake(fake)
+    return op
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward op
+# ----------------------------------------------------------------------------------------------
+
+
+def _forward_impl(
+    density: torch.Tensor,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    lo: Sequence[float],
+    hi: Sequence[float],
+    n_samples: int,
+    deterministic: bool,
+) -> torch.Tensor:
+    return _kernels.raymarch_forward(density, source, target, lo, hi, n_samples)
+
+
+def _forward_fake(density, source, target, lo, hi, n_samples, deterministic):
+    batch, n_rays, _ = target.shape
+    return target.new_empty((batch, 1, n_rays))
+
+
+_raymarch_op = _define("tritondrr::raymarch", _forward_impl, _forward_fake)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward op
+# ----------------------------------------------------------------------------------------------
+
+
+def _backward_impl(
+    grad_out: torch.Tensor,
+    density: torch.Tensor,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    lo: Sequence[float],
+    hi: Sequence[float],
+    n_samples: int,
+    need_pose: bool,
+    need_volume: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_vol, grad_src, grad_tgt = _kernels.raymarch_backward(
+        grad_out,
+        density,
+        source,
+        target,
+        lo,
+        hi,
+        n_samples,
+        need_pose=need_pose,
+        need_volume=need_volume,
+        deterministic=deterministic,
+    )
+    # Custom ops return tensors: empty ones stand for gradients nobody asked for.
+    if grad_vol is None:
+        grad_vol = density.new_empty((0,))
+    if grad_src is None:
+        grad_src = source.new_empty((0,))
+        grad_tgt = target.new_empty((0,))
+    return grad_vol, grad_src, grad_tgt
+
+
+def _backward_fake(grad_out, density, source, target, lo, hi, n_samples, need_pose, need_volume, deterministic):
+    grad_vol = density.new_empty(density.shape if need_volume else (0,))
+    grad_src = source.new_empty(source.shape if need_pose else (0,))
+    grad_tgt = target.new_empty(target.shape if need_pose else (0,))
+    return grad_vol, grad_src, grad_tgt
+
+
+_raymarch_backward_op = _define("tritondrr::raymarch_backward", _backward_impl, _backward_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    density, source, target, lo, hi, n_samples, deterministic = inputs
+    ctx.save_for_backward(density, source, target)
+    ctx.config = (list(lo), list(hi), n_samples, deterministic)
+
+
+def _backward(ctx, grad_out):
+    density, source, target = ctx.saved_tensors
+    lo, hi, n_samples, deterministic = ctx.config
+    need_volume = ctx.needs_input_grad[0]
+    need_pose = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    if not (need_volume or need_pose):
+        return None, None, None, None, None, None, None
+    grad_vol, grad_src, grad_tgt = _raymarch_backward_op(
+        grad_out.contiguous(), density, source, target, lo, hi, n_samples, need_pose, need_volume, deterministic
+    )
+    return (
+        grad_vol if need_volume else None,
+        grad_src if ctx.needs_input_grad[1] else None,
+        grad_tgt if ctx.needs_input_grad[2] else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_raymarch_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point: validation, then the op
+# ----------------------------------------------------------------------------------------------
+
+
+def _box(name, value) -> list[float]:
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "cpu":
+            raise TypeError(f"{name} must be 3 floats or a CPU tensor (reading a {value.device} tensor would sync)")
+        value = value.tolist()
+    try:
+        out = [float(x) for x in value]
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of 3 floats, got {type(value).__name__}") from None
+    if len(out) != 3:
+        raise ValueError(f"{name} must have 3 entries, got {len(out)}")
+    return out
+
+
+def raymarch(
+    density: torch.Tensor,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    lo,
+    hi,
+    n_samples: int,
+    *,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Midpoint-rule integral of the density along rays (``tritondrr.reference.raymarch``), in Triton.
+
+    Args:
+        density: (I, J, K) float32/float16/bfloat16/float64 volume on CUDA (or CPU under
+            ``TRITON_INTERPRET=1``). Voxel centres at integer index coordinates. Should be
+            contiguous: a non-contiguous volume is copied, with a warning (once).
+        source: (B, 1, 3) or (B, N, 3) ray starts in index coordinates, float32 or float64.
+        target: (B, N, 3) ray ends in index coordinates, the same dtype as ``source``.
+        lo, hi: 3 floats each (or CPU tensors), the index-space box outside which the field is
+            zero (passed to the kernels as float32: exact for integer and half-integer boxes).
+        n_samples: samples per ray (a positive int).
+        deterministic: make the volume gradient bitwise repeatable (64-bit fixed-point atomics:
+            an extra 8 bytes per voxel during the backward). Pose gradients always are.
+
+    Returns:
+        (B, 1, N) in the rays' dtype, differentiable with respect to ``density``, ``source``
+        and ``target``. Samples and accumulation are in the rays' dtype.
+    """
+    global _warned_noncontiguous
+    if not isinstance(density, torch.Tensor):
+        raise TypeError(f"density must be a torch.Tensor, got {type(density).__name__}")
+    if density.dim() != 3:
+        raise ValueError(f"density must be (I, J, K), got shape {tuple(density.shape)}")
+    if density.dtype not in _VOLUME_DTYPES:
+        raise TypeError(f"density must be float32, float16, bfloat16 or float64, got {density.dtype}")
+    if not (density.is_cuda or (_interpreting() and density.device.type == "cpu")):
+        raise ValueError(
+            f"density must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), got {density.device}"
+        )
+    for name, x in (("source", source), ("target", target)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != 3:
+            raise ValueError(f"{name} must be (B, N, 3), got shape {tuple(x.shape)}")
+        if x.dtype not in _RAY_DTYPES:
+            raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+        if x.device != density.device:
+            raise ValueError(f"{name} is on {x.device} but density is on {density.device}")
+    if source.dtype != target.dtype:
+        raise TypeError(f"source and target must share a dtype, got {source.dtype} and {target.dtype}")
+    if source.shape[0] != target.shape[0] or source.shape[1] not in (1, target.shape[1]):
+        raise ValueError(
+            f"source must be (B, 1, 3) or (B, N, 3) with target (B, N, 3), got source "
+            f"{tuple(source.shape)} and target {tuple(target.shape)}"
+        )
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    lo_f, hi_f = _box("lo", lo), _box("hi", hi)
+    if not density.is_contiguous():
+        if not _warned_noncontiguous:
+            warnings.warn(
+                f"density is not contiguous (strides {density.stride()}); copying it on every call. "
+                "Pass density.contiguous() once to avoid the copy.",
+                stacklevel=2,
+            )
+            _warned_noncontiguous = True
+        density = density.contiguous()
+    # Rays are O(B N): making them contiguous is cheap.
+    return _raymarch_op(density, source.contiguous(), target.contiguous(), lo_f, hi_f, n_samples, deterministic)
