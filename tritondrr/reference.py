@@ -29,6 +29,9 @@ them), so any image size renders without ``patch_size``.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -87,25 +90,85 @@ def clip_rays(source: torch.Tensor, target: torch.Tensor, lo: torch.Tensor, hi: 
     return t0, (t1 - t0).clamp(min=0.0)
 
 
+def _grid(density, first, stride, n_samples):
+    """Sample points of each ray as grid_sample's grid: (1, R, S, 1, 3)."""
+    # grid_sample wants (x, y, z) = (k, j, i) normalised so that -1 and 1 are the outer faces of
+    # the grid (align_corners=False); zero padding then makes it the zero-extended tent interpolant.
+    scale = 2.0 / torch.tensor(density.shape[::-1], device=first.device, dtype=first.dtype)  # [3]
+    first = first.flip(-1) * scale + (scale / 2 - 1)  # [R, 3]
+    stride = stride.flip(-1) * scale  # [R, 3]
+    k = torch.arange(n_samples, device=first.device, dtype=first.dtype)  # [S]
+    return torch.addcmul(first[:, None, :], k[None, :, None], stride[:, None, :])[None, :, :, None, :]
+
+
+def _grid_sample_sums(density, first, stride, n_samples):
+    """sum_k f(first + k * stride) per ray with grid_sample (any device, any float dtype). -> [R]"""
+    grid = _grid(density, first, stride, n_samples)
+    return F.grid_sample(density[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[
+        0, 0, :, :, 0
+    ].sum(dim=-1)
+
+
+def _gather_sums(density, first, stride, n_samples: int):
+    """sum_k f(first + k * stride) per ray with eight explicit gathers; compiled into one CPU loop.
+
+    The same function as ``_grid_sample_sums``; under ``torch.compile`` it fuses the sample
+    positions, gathers, weights and the sum, so no (R, S, 3) grid is ever written to memory.
+    """
+    size_i, size_j, size_k = density.shape
+    flat = density.reshape(-1)
+    k = torch.arange(n_samples, device=first.device, dtype=first.dtype)
+    points = first[:, None, :] + k[None, :, None] * stride[:, None, :]  # [R, S, 3]
+    base = torch.floor(points)
+    frac = points - base
+    base = base.long()
+    total = torch.zeros(points.shape[:2], device=first.device, dtype=first.dtype)  # [R, S]
+    for corner in range(8):
+        di, dj, dk = (corner >> 2) & 1, (corner >> 1) & 1, corner & 1
+        i, j, kk = base[..., 0] + di, base[..., 1] + dj, base[..., 2] + dk
+        weight = (frac[..., 0] if di else 1 - frac[..., 0]) * (frac[..., 1] if dj else 1 - frac[..., 1])
+        weight = weight * (frac[..., 2] if dk else 1 - frac[..., 2])
+        inside = (i >= 0) & (i < size_i) & (j >= 0) & (j < size_j) & (kk >= 0) & (kk < size_k)
+        index = torch.where(inside, (i * size_j + j) * size_k + kk, 0)
+        total = total + torch.where(inside, weight * flat[index], 0.0)
+    return total.sum(dim=-1)
+
+
+_compiled_gather_sums = None
+
+
+def _use_compiled(density: torch.Tensor) -> bool:
+    """Compiled gathers on CPU unless TRITONDRR_COMPILE=0 (or compiling failed once here)."""
+    return density.device.type == "cpu" and os.environ.get("TRITONDRR_COMPILE", "1") != "0"
+
+
+def _sample_sums(density, first, stride, n_samples):
+    global _compiled_gather_sums
+    if _use_compiled(density):
+        if _compiled_gather_sums is None:
+            _compiled_gather_sums = torch.compile(_gather_sums, dynamic=True)
+        try:
+            return _compiled_gather_sums(density, first, stride, n_samples)
+        except Exception as error:  # no C++ compiler, unsupported platform: keep rendering
+            warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); using grid_sample", stacklevel=3)
+            os.environ["TRITONDRR_COMPILE"] = "0"
+    return _grid_sample_sums(density, first, stride, n_samples)
+
+
 def _march(density, labels, n_channels, source, target, lo, hi, n_samples):
     """``g`` for one chunk of rays. source (R or 1, 3), target (R, 3) -> (C, R)."""
     t0, length = clip_rays(source, target, lo, hi)  # [R], [R]
     d = target - source  # [R, 3]
-    # grid_sample wants (x, y, z) = (k, j, i) normalised so that -1 and 1 are the outer faces of
-    # the grid (align_corners=False); zero padding then makes it the zero-extended tent interpolant.
-    # That map is affine, so sample k of a ray is first + (k + 1/2) * stride in grid coordinates.
-    scale = 2.0 / torch.tensor(density.shape[::-1], device=target.device, dtype=target.dtype)  # [3]
-    first = (source + t0[:, None] * d).flip(-1) * scale + (scale / 2 - 1)  # [R, 3]
-    stride = d.flip(-1) * scale * (length / n_samples)[:, None]  # [R, 3]
-    u = torch.arange(n_samples, device=target.device, dtype=target.dtype) + 0.5  # [S]
-    grid = torch.addcmul(first[:, None, :], u[None, :, None], stride[:, None, :])  # [R, S, 3]
-    grid = grid[None, :, :, None, :]  # [1, R, S, 1, 3]
-    values = F.grid_sample(
-        density[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )[0, 0, :, :, 0]  # [R, S]
     weight = length / n_samples  # [R]
+    # Sample k sits at t0 + (k + 1/2) * weight: an affine function of k in index space.
+    first = source + (t0 + 0.5 * weight)[:, None] * d  # [R, 3]
+    stride = weight[:, None] * d  # [R, 3]
     if labels is None:
-        return (values.sum(dim=-1) * weight)[None]
+        return (_sample_sums(density, first, stride, n_samples) * weight)[None]
+    grid = _grid(density, first, stride, n_samples)
+    values = F.grid_sample(density[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[
+        0, 0, :, :, 0
+    ]  # [R, S]
     # Each sample goes to the channel of the nearest voxel's label (round half to even).
     label = F.grid_sample(
         labels[None, None].to(grid.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False
