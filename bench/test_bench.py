@@ -34,12 +34,33 @@ def test_drr(benchmark, bench_device, scene, impl_name, mode, size):
     if (why := B.cap_reason(impl_name, mode, height, width, batch, device)) is not None:
         pytest.skip(why)
 
+    rays = batch * height * width
+    predicted = B.predicted_seconds(impl_name, mode, rays)
+    goal_case = batch == 1 and (impl_name, mode, height) in B.GOAL_CASES
+    if not goal_case and predicted is not None and predicted > B.call_cap_s(device):
+        pytest.skip(f"time budget: predicted {predicted:.0f} s per call (from the previous size) exceeds "
+                    f"{B.call_cap_s(device):.0f} s (BENCH_CALL_CAP_S)")
+    if not goal_case and (why := B.budget_reason(device, predicted)) is not None:
+        pytest.skip(why)
+    long_call = device.type == "cpu" and predicted is not None and predicted > B.LONG_CALL_S
+
     benchmark.group = f"{mode}-{_size_id(size)}"
     rotations, translations = B.seed_pose(batch, device)
     try:
         impl = B.build(impl_name, scene, height, width, device, volume_grad=(mode == "backward_volume"))
         run = B.make_callable(impl, mode, rotations, translations, device)
-        seconds, image, peak, method = B.warm_up(run, device)
+        if long_call:  # one timed round is also the memory measurement and gives the image
+            meter, held = B.PeakMemory(device), {}
+            benchmark.pedantic(
+                lambda: held.setdefault("image", run()),
+                setup=lambda: meter.__enter__() and None,
+                teardown=lambda: meter.__exit__(None, None, None),
+                rounds=1, iterations=1, warmup_rounds=0,
+            )  # fmt: skip
+            seconds, image, peak, method, rounds = None, held["image"], meter.peak, meter.method, 1
+        else:
+            seconds, image, peak, method = B.warm_up(run, device)
+            rounds = B.rounds_for(seconds, device)
     except (torch.cuda.OutOfMemoryError, MemoryError) as e:
         pytest.skip(f"out of memory on {device}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     except RuntimeError as e:
@@ -47,7 +68,6 @@ def test_drr(benchmark, bench_device, scene, impl_name, mode, size):
             raise
         pytest.skip(f"out of memory on {device}: {str(e).splitlines()[0]}")
 
-    rays = batch * height * width
     info = benchmark.extra_info
     info.update(
         impl=impl_name,
@@ -67,15 +87,28 @@ def test_drr(benchmark, bench_device, scene, impl_name, mode, size):
         peak_mem_bytes=peak,
         mem_method=method,
         warmup_s=seconds,
+        rounds=rounds,
     )
     info.update(B.accuracy(scene, impl, image, rotations, translations))
     del image
 
-    rounds = B.rounds_for(seconds, device)
-    info["rounds"] = rounds
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
+    if not long_call:
+        benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
     stats = getattr(benchmark, "stats", None)
     if stats is not None:  # None under --benchmark-disable
         median = stats.stats.median
         info["time_median_s"] = median
         info["samples_per_s"] = rays * impl.samples_per_ray / median
+        B.record_call(impl_name, mode, rays, median)
+    elif seconds is not None:
+        B.record_call(impl_name, mode, rays, seconds)
+
+
+def test_same_rays(bench_device, scene):
+    """The comparison is fair only if every implementation casts the same rays for the same pose."""
+    names = [n for n in ("tritondrr", "diffdrr-trilinear", "nanodrr-torch") if B.availability(n, bench_device) is None]
+    if scene.diffdrr_subject is None:
+        names = [n for n in names if not n.startswith("diffdrr")]
+    if len(names) < 2:
+        pytest.skip(f"fewer than two implementations installed ({names})")
+    assert B.check_same_rays(scene, names, bench_device) < 1e-2  # mm
