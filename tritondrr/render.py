@@ -88,6 +88,7 @@ def render(
     n_samples: int | None = None,
     box=None,
     backend: str = "auto",
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Line integrals (density x mm) of the trilinear interpolant of ``density`` along rays.
 
@@ -106,6 +107,8 @@ def render(
             bounding box of the non-zero voxels (one pass over the volume) when the volume needs
             no gradient, else the whole support.
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
+        deterministic: bitwise-repeatable volume gradient on the Triton backend (fixed-point
+            atomics, 8 bytes per voxel during the backward). The PyTorch backend always is.
 
     Returns:
         (B, C, N) in the rays' dtype. Rays that miss the volume or have zero length give 0.
@@ -162,7 +165,7 @@ def render(
 
         if mask is not None:
             raise NotImplementedError("mask (labelmap channels) is not yet supported by backend='triton'; use 'torch'")
-        integral = ops.raymarch(density, src, tgt, lo, hi, n_samples)
+        integral = ops.raymarch(density, src, tgt, lo, hi, n_samples, deterministic=deterministic)
     else:
         integral = reference.raymarch(density, src, tgt, lo, hi, n_samples, labels=mask, n_channels=n_channels)
     length_mm = (target - source).norm(dim=-1)  # [B, N]
