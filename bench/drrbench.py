@@ -492,10 +492,11 @@ def make_callable(impl: Impl, mode: str, rotations, translations, device):
     return run
 
 
-def warm_up(run, device):
-    """Warm-up calls (two on CUDA: the first compiles); returns (seconds of the last, its output,
-    its peak extra memory in bytes, the memory method)."""
-    for _ in range(2 if device.type == "cuda" else 1):
+def warm_up(run, device, calls: int = 1):
+    """``calls`` warm-up calls (two where a first call compiles: every implementation on CUDA,
+    tritondrr's compiled CPU path); returns (seconds of the last, its output, its peak extra memory
+    in bytes, the memory method)."""
+    for _ in range(calls):
         meter = PeakMemory(device)
         with meter:
             start = time.perf_counter()
