@@ -8,11 +8,16 @@ and 200 and a small batch case.
 from __future__ import annotations
 
 import gc
+import os
+import sys
 
 import pytest
 import torch
 
-import drrbench
+if os.path.dirname(__file__) not in sys.path:  # any --import-mode: drrbench sits beside this file
+    sys.path.insert(0, os.path.dirname(__file__))
+
+import drrbench  # noqa: E402
 
 _SKIPPED: list[dict] = []
 

@@ -35,7 +35,7 @@ from functools import cached_property, lru_cache
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # `tests.oracles` (the exact integral) lives in the repository root
+if REPO not in sys.path:  # tritondrr from the source tree when it is not installed
     sys.path.insert(0, REPO)
 
 SDD, DELX = 1020.0, 2.0
@@ -559,6 +559,17 @@ def exact_nearest_integrals(density, affine, source, target, chunk: int = 256) -
 _EXACT_CACHE: dict = {}
 
 
+@lru_cache(maxsize=1)
+def _oracles():
+    """``tests/oracles.py`` loaded by path (a ``tests`` package elsewhere on sys.path cannot shadow it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_tritondrr_oracles", os.path.join(REPO, "tests", "oracles.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def exact_integrals(scene: Scene, field: str, source, target, key) -> torch.Tensor:
     """Exact integrals of the scene's density (``field``: trilinear or nearest) along the rays.
 
@@ -573,9 +584,7 @@ def exact_integrals(scene: Scene, field: str, source, target, key) -> torch.Tens
         if s0.shape == source.shape and (s0 - source).abs().max() < 1e-3 and (t0 - target).abs().max() < 1e-3:
             return exact
     if field == "trilinear":
-        from tests.oracles import exact_line_integrals
-
-        exact = exact_line_integrals(scene.density, scene.affine, source, target)
+        exact = _oracles().exact_line_integrals(scene.density, scene.affine, source, target)
     else:
         exact = exact_nearest_integrals(scene.density, scene.affine, source, target)
     _EXACT_CACHE[(field, key)] = (source, target, exact)
