@@ -7,7 +7,7 @@ import torch
 
 from tests.oracles import exact_line_integrals
 from tritondrr import reference
-from tritondrr.render import render, samples_per_ray
+from tritondrr.render import ray_phases, render, samples_per_ray
 
 
 def oblique_affine(dtype=torch.float64):
@@ -147,8 +147,9 @@ def test_chunking_does_not_change_the_result_or_gradients():
     lo, hi = reference.support_box(v.shape)
     inv = torch.linalg.inv(affine)
     s, t = source @ inv[:3, :3].T + inv[:3, 3], target @ inv[:3, :3].T + inv[:3, 3]
-    whole = reference.raymarch(v, s, t, lo, hi, 30)
-    pieces = reference.raymarch(v, s, t, lo, hi, 30, chunk_samples=30 * 7)
+    phase = torch.rand(50, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    whole = reference.raymarch(v, s, t, phase, lo, hi, 30)
+    pieces = reference.raymarch(v, s, t, phase, lo, hi, 30, chunk_samples=30 * 7)
     torch.testing.assert_close(whole, pieces, rtol=1e-13, atol=0)
     g_whole = torch.autograd.grad(whole.sum(), (v, target), retain_graph=True)
     g_pieces = torch.autograd.grad(pieces.sum(), (v, target))
@@ -249,3 +250,31 @@ def test_bad_input_names_the_argument(kwargs, error, words):
     density, affine, source, target = (args.pop(k) for k in ("density", "affine", "source", "target"))
     with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
         render(density, affine, source, target, **args)
+
+
+def test_end_correction_makes_any_phase_exact_on_linear_fields():
+    # Inside [0, I-1]^3 the interpolant of a linear grid is that linear function, and the offset
+    # rule with its Euler-Maclaurin end correction integrates linear functions exactly.
+    i, j, k = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in (9, 10, 11)), indexing="ij")
+    v = 0.3 * i - 0.2 * j + 0.1 * k + 5.0
+    g = torch.Generator().manual_seed(7)
+    source = torch.rand(1, 40, 3, generator=g, dtype=torch.float64) * 7.5  # rays that start and end inside
+    target = torch.rand(1, 40, 3, generator=g, dtype=torch.float64) * 7.5
+    phase = torch.rand(40, generator=g, dtype=torch.float64)
+    phase[:2] = torch.tensor([0.0, 1.0 - 1e-12], dtype=torch.float64)
+    lo, hi = reference.support_box(v.shape)
+    out = reference.raymarch(v, source, target, phase, lo, hi, 5)[0, 0]
+    mid = (source + target)[0] / 2  # the mean of a linear function over a segment is its midpoint value
+    exact = 0.3 * mid[:, 0] - 0.2 * mid[:, 1] + 0.1 * mid[:, 2] + 5.0
+    # (Without the correction an offset rule errs by h (phase - 1/2) (f(end) - f(start)) here.)
+    torch.testing.assert_close(out, exact, rtol=1e-12, atol=0)
+
+
+def test_ray_phases_are_spread_and_reproducible():
+    phases = ray_phases(torch.arange(40000))
+    assert float(phases.min()) >= 0.0 and float(phases.max()) <= 1.0
+    # Neighbouring pixels get unrelated phases: every tenth of [0, 1] is hit about equally often.
+    counts = torch.histc(phases, bins=10, min=0.0, max=1.0)
+    assert float(counts.min()) > 3800 and float(counts.max()) < 4200
+    assert float((phases[1:] - phases[:-1]).abs().mean()) > 0.25
+    torch.testing.assert_close(ray_phases(torch.tensor([0, 1, 2])), ray_phases(torch.arange(3)))

@@ -230,10 +230,11 @@ class DRR(nn.Module):
         source, target = self.source_target(
             *args, parameterization=parameterization, convention=convention, degrees=degrees, calibration=calibration
         )
+        pixels = torch.arange(self.detector.n_pixels, device=target.device)  # ray ids seed the sampling phase
         if self.n_subsample is not None:
             if self.redraw_subsample:
                 self.subsamples = self._draw_subsample()
-            target = target[:, self.subsamples]
+            target, pixels = target[:, self.subsamples], self.subsamples
         lo, hi = self._current_box()
         options = dict(
             mask=self.mask if mask_to_channels else None,
@@ -242,15 +243,14 @@ class DRR(nn.Module):
             backend=self.backend,
             deterministic=self.deterministic,
         )
-        if self.patch_size is None:
-            img = render(self.density, self.affine, source, target, **options)
-        else:
-            rays = self.patch_size**2
-            img = torch.cat(
-                [render(self.density, self.affine, source, target[:, n : n + rays], **options)
-                 for n in range(0, target.shape[1], rays)],
-                dim=-1,
-            )
+        rays = target.shape[1] if self.patch_size is None else self.patch_size**2
+        img = torch.cat(
+            [
+                render(self.density, self.affine, source, target[:, n : n + rays], ray_ids=pixels[n : n + rays], **options)
+                for n in range(0, target.shape[1], rays)
+            ],
+            dim=-1,
+        )
         return self._reshape(img)
 
     def _reshape(self, img: torch.Tensor) -> torch.Tensor:

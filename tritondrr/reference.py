@@ -6,21 +6,27 @@ zero-extended grid,
 
     f(p) = sum_ijk V[i, j, k] * tent(p_0 - i) * tent(p_1 - j) * tent(p_2 - k),  tent(x) = max(0, 1 - |x|).
 
-The function computed for a ray from ``s`` to ``e`` (index coordinates, ``t`` in [0, 1]) is
-the midpoint rule with ``S`` samples over the part of the ray inside ``box`` (an axis-aligned
-box ``[lo, hi]`` outside which ``f`` is known to be zero):
+The function computed for a ray from ``s`` to ``e`` (index coordinates, ``t`` in [0, 1]) samples
+the part of the ray inside ``box`` (an axis-aligned box ``[lo, hi]`` outside which ``f`` is known
+to be zero) at ``S`` evenly spaced points, offset by the ray's own ``phase`` in [0, 1), with the
+Euler-Maclaurin end correction that keeps the rule second order wherever the interval is cut:
 
     d = e - s                                         (components with |d| < TINY are set to TINY)
     t0 = max(0, max_a min((lo_a - s_a) / d_a, (hi_a - s_a) / d_a))
     t1 = min(1, min_a max((lo_a - s_a) / d_a, (hi_a - s_a) / d_a))
-    L = max(t1 - t0, 0)
-    g = L / S * sum_{k=0}^{S-1} f(s + (t0 + (k + 1/2) L / S) d)
+    L = max(t1 - t0, 0),  h = L / S
+    g = h * [ sum_{k=0}^{S-1} f(s + (t0 + (k + phase) h) d)  -  (phase - 1/2) (f(s + t1 d) - f(s + t0 d)) ]
+
+With ``phase = 1/2`` this is the midpoint rule. A phase that differs from ray to ray (``render``
+hashes the pixel index) keeps the sampling errors of neighbouring pixels from lining up with the
+voxel grid (moire), which otherwise biases the pose gradient of image-level losses.
 
 ``g`` approximates the integral of ``f`` over t in [0, 1]; multiplying by the ray's length in mm
 gives the line integral in mm. ``S`` is the same for every ray of a call and never depends on
-the pose, so ``g`` is a smooth function of ``s`` and ``e`` (the clipped interval moves
-continuously, samples never appear or vanish). The Triton kernels in ``tritondrr.kernels``
-compute exactly this function; ``tests/test_triton.py`` holds them to it.
+the pose, and the phase depends on the ray's identity only, so ``g`` is a smooth function of ``s``
+and ``e`` (the clipped interval moves continuously, samples never appear or vanish). The Triton
+kernels in ``tritondrr.kernels`` compute exactly this function; ``tests/test_triton.py`` holds
+them to it.
 
 Memory is bounded by chunking rays: at most ``chunk_samples`` samples are alive at a time, in
 the forward and in the backward (which recomputes the samples of each chunk rather than storing
@@ -155,42 +161,51 @@ def _sample_sums(density, first, stride, n_samples):
     return _grid_sample_sums(density, first, stride, n_samples)
 
 
-def _march(density, labels, n_channels, source, target, lo, hi, n_samples):
-    """``g`` for one chunk of rays. source (R or 1, 3), target (R, 3) -> (C, R)."""
+def _march(density, labels, n_channels, source, target, phase, lo, hi, n_samples):
+    """``g`` for one chunk of rays. source (R or 1, 3), target (R, 3), phase (R,) -> (C, R)."""
     t0, length = clip_rays(source, target, lo, hi)  # [R], [R]
     d = target - source  # [R, 3]
-    weight = length / n_samples  # [R]
-    # Sample k sits at t0 + (k + 1/2) * weight: an affine function of k in index space.
-    first = source + (t0 + 0.5 * weight)[:, None] * d  # [R, 3]
-    stride = weight[:, None] * d  # [R, 3]
+    h = length / n_samples  # [R]
+    # Sample k sits at t0 + (k + phase) * h: an affine function of k in index space.
+    first = source + (t0 + phase * h)[:, None] * d  # [R, 3]
+    stride = h[:, None] * d  # [R, 3]
+    # End correction: +(phase - 1/2) f at the entry point, -(phase - 1/2) f at the exit point.
+    ends = torch.cat([source + t0[:, None] * d, source + (t0 + length)[:, None] * d])  # [2R, 3]
+    end_weight = torch.cat([phase - 0.5, 0.5 - phase])  # [2R]
     if labels is None:
-        return (_sample_sums(density, first, stride, n_samples) * weight)[None]
-    grid = _grid(density, first, stride, n_samples)
-    values = F.grid_sample(density[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[
-        0, 0, :, :, 0
-    ]  # [R, S]
+        total = _sample_sums(density, first, stride, n_samples)  # [R]
+        f_ends = _sample_sums(density, ends, torch.zeros_like(ends), 1)  # [2R]
+        return ((total + (end_weight * f_ends).view(2, -1).sum(0)) * h)[None]
     # Each sample goes to the channel of the nearest voxel's label (round half to even).
-    label = F.grid_sample(
-        labels[None, None].to(grid.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False
-    )[0, 0, :, :, 0].long()  # [R, S]
-    out = torch.zeros(values.shape[0], n_channels, device=values.device, dtype=values.dtype)
-    out.scatter_add_(1, label.clamp(0, n_channels - 1), values)
-    return (out * weight[:, None]).T
+    out = torch.zeros(target.shape[0], n_channels, device=target.device, dtype=target.dtype)  # [R, C]
+    for points, n, weight in ((first, n_samples, None), (ends.view(2, -1, 3).transpose(0, 1), 2, end_weight)):
+        if weight is None:
+            grid = _grid(density, points, stride, n)  # [1, R, S, 1, 3]
+        else:  # the two end points of each ray as a 2-sample grid
+            grid = _grid(density, points[:, 0], points[:, 1] - points[:, 0], 2)
+            weight = weight.view(2, -1).T  # [R, 2]
+        values = F.grid_sample(density[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        label = F.grid_sample(
+            labels[None, None].to(grid.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False
+        )
+        values, label = values[0, 0, :, :, 0], label[0, 0, :, :, 0].long()  # [R, n]
+        out.scatter_add_(1, label.clamp(0, n_channels - 1), values if weight is None else values * weight)
+    return (out * h[:, None]).T
 
 
 class _Raymarch(torch.autograd.Function):
     """Chunked forward without a graph; the backward recomputes each chunk with autograd."""
 
     @staticmethod
-    def forward(ctx, density, source, target, labels, n_channels, lo, hi, n_samples, chunk_rays):
-        ctx.save_for_backward(density, source, target, labels, lo, hi)
+    def forward(ctx, density, source, target, phase, labels, n_channels, lo, hi, n_samples, chunk_rays):
+        ctx.save_for_backward(density, source, target, phase, labels, lo, hi)
         ctx.config = (n_channels, n_samples, chunk_rays)
         with torch.no_grad():
-            return _chunked(density, labels, n_channels, source, target, lo, hi, n_samples, chunk_rays)
+            return _chunked(density, labels, n_channels, source, target, phase, lo, hi, n_samples, chunk_rays)
 
     @staticmethod
     def backward(ctx, grad_out):
-        density, source, target, labels, lo, hi = ctx.saved_tensors
+        density, source, target, phase, labels, lo, hi = ctx.saved_tensors
         n_channels, n_samples, chunk_rays = ctx.config
         need_density, need_source, need_target = ctx.needs_input_grad[:3]
         grad_density = torch.zeros_like(density) if need_density else None
@@ -204,7 +219,7 @@ class _Raymarch(torch.autograd.Function):
                 src = source.detach() if source.shape[0] == 1 else source[rays].detach()
                 src.requires_grad_(need_source)
                 tgt = target[rays].detach().requires_grad_(need_target)
-                out = _march(dens, labels, n_channels, src, tgt, lo, hi, n_samples)
+                out = _march(dens, labels, n_channels, src, tgt, phase[rays], lo, hi, n_samples)
                 inputs = [x for x, need in ((dens, need_density), (src, need_source), (tgt, need_target)) if need]
                 grads = list(torch.autograd.grad(out, inputs, grad_out[:, rays]))
             if need_density:
@@ -216,16 +231,16 @@ class _Raymarch(torch.autograd.Function):
                     grad_source[rays] += grads.pop(0)
             if need_target:
                 grad_target[rays] += grads.pop(0)
-        return grad_density, grad_source, grad_target, None, None, None, None, None, None
+        return grad_density, grad_source, grad_target, None, None, None, None, None, None, None
 
 
-def _chunked(density, labels, n_channels, source, target, lo, hi, n_samples, chunk_rays):
+def _chunked(density, labels, n_channels, source, target, phase, lo, hi, n_samples, chunk_rays):
     n_rays = target.shape[0]
     parts = []
     for start in range(0, n_rays, chunk_rays):
         rays = slice(start, min(start + chunk_rays, n_rays))
         src = source if source.shape[0] == 1 else source[rays]
-        parts.append(_march(density, labels, n_channels, src, target[rays], lo, hi, n_samples))
+        parts.append(_march(density, labels, n_channels, src, target[rays], phase[rays], lo, hi, n_samples))
     return torch.cat(parts, dim=-1) if parts else target.new_zeros(n_channels, 0)
 
 
@@ -233,6 +248,7 @@ def raymarch(
     density: torch.Tensor,
     source: torch.Tensor,
     target: torch.Tensor,
+    phase: torch.Tensor,
     lo,
     hi,
     n_samples: int,
@@ -241,12 +257,13 @@ def raymarch(
     n_channels: int = 1,
     chunk_samples: int = CHUNK_SAMPLES,
 ) -> torch.Tensor:
-    """Midpoint-rule integral of the density over ``t`` in [0, 1] along each ray (module docstring).
+    """Integral of the density over ``t`` in [0, 1] along each ray, ``g`` of the module docstring.
 
     Args:
         density: (I, J, K) float tensor; other dtypes than the rays' are converted once per call.
         source: (B, 1, 3) or (B, N, 3) ray starts in index coordinates.
         target: (B, N, 3) ray ends in index coordinates.
+        phase: (N,) sampling phase of each ray in [0, 1], shared by the poses (1/2: midpoints).
         lo, hi: box corners (3 floats each, index coordinates) outside which the field is zero.
         n_samples: samples per ray, ``S``.
         labels: optional (I, J, K) integer labelmap; each sample is added to the channel of its
@@ -270,6 +287,9 @@ def raymarch(
     chunk_rays = max(1, chunk_samples // max(n_samples, 1))
     if density.dtype != target.dtype:  # grid_sample needs one dtype: fp16/bf16 volumes are upcast once per call
         density = density.to(target.dtype)
+    flat_phase = phase.to(target.dtype).expand(batch, n_rays).reshape(batch * n_rays)
     channels = n_channels if labels is not None else 1
-    out = _Raymarch.apply(density, flat_source, flat_target, labels, channels, lo_t, hi_t, n_samples, chunk_rays)
+    out = _Raymarch.apply(
+        density, flat_source, flat_target, flat_phase, labels, channels, lo_t, hi_t, n_samples, chunk_rays
+    )
     return out.reshape(channels, batch, n_rays).transpose(0, 1)

@@ -14,7 +14,7 @@ import torch
 
 from . import reference
 
-__all__ = ["render", "samples_per_ray", "DEFAULT_STEP_VOXELS", "BACKENDS"]
+__all__ = ["render", "ray_phases", "samples_per_ray", "DEFAULT_STEP_VOXELS", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -59,6 +59,17 @@ def samples_per_ray(affine: torch.Tensor, lo, hi, step: float | None = None) -> 
     return max(1, math.ceil(chord / step))
 
 
+def ray_phases(ray_ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Sampling phase in [0, 1] of each ray from its id (a pixel index): Knuth's multiplicative hash.
+
+    A fixed function of the ray's identity, so images stay smooth in the pose, and scattered
+    enough that the sampling errors of neighbouring pixels do not line up (module docstring of
+    ``tritondrr.reference``). Integer arithmetic, then one rounding: the same on every device.
+    """
+    # id + 1: pixel 0 would otherwise get phase 0 exactly, a sample on its entry point.
+    return (((ray_ids.long() + 1) * 2654435761) % (1 << 32)).to(dtype) / float(1 << 32)
+
+
 def _resolve_backend(backend: str, density: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -87,6 +98,7 @@ def render(
     step: float | None = None,
     n_samples: int | None = None,
     box=None,
+    ray_ids: torch.Tensor | None = None,
     backend: str = "auto",
     deterministic: bool = False,
 ) -> torch.Tensor:
@@ -106,6 +118,9 @@ def render(
         box: optional ``(lo, hi)`` index-space box outside which ``density`` is zero. None: the
             bounding box of the non-zero voxels (one pass over the volume) when the volume needs
             no gradient, else the whole support.
+        ray_ids: optional (N,) integer id of each ray (its pixel index), which seeds the ray's
+            sampling phase; None: 0 .. N-1. Give the pixel indices when rendering a subset of a
+            detector so each pixel gets the value it has in the whole image.
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
         deterministic: bitwise-repeatable volume gradient on the Triton backend (fixed-point
             atomics, 8 bytes per voxel during the backward). The PyTorch backend always is.
@@ -148,6 +163,11 @@ def render(
         if mask.shape != density.shape:
             raise ValueError(f"mask must have density's shape {tuple(density.shape)}, got {tuple(mask.shape)}")
         n_channels = int(mask.max()) + 1
+    if ray_ids is None:
+        ray_ids = torch.arange(target.shape[1], device=target.device)
+    elif not isinstance(ray_ids, torch.Tensor) or ray_ids.shape != (target.shape[1],) or ray_ids.is_floating_point():
+        got = tuple(ray_ids.shape) if isinstance(ray_ids, torch.Tensor) else type(ray_ids).__name__
+        raise ValueError(f"ray_ids must be an integer tensor of shape ({target.shape[1]},), got {got}")
     backend = _resolve_backend(backend, density)
 
     if box is None:
@@ -157,6 +177,7 @@ def render(
     if n_samples is None:
         n_samples = samples_per_ray(affine, lo, hi, step)
 
+    phase = ray_phases(ray_ids.to(target.device), target.dtype)
     inverse = _world_to_index(affine, target.dtype)
     src = source @ inverse[:3, :3].T + inverse[:3, 3]
     tgt = target @ inverse[:3, :3].T + inverse[:3, 3]
@@ -165,8 +186,8 @@ def render(
 
         if mask is not None:
             raise NotImplementedError("mask (labelmap channels) is not yet supported by backend='triton'; use 'torch'")
-        integral = ops.raymarch(density, src, tgt, lo, hi, n_samples, deterministic=deterministic)
+        integral = ops.raymarch(density, src, tgt, phase, lo, hi, n_samples, deterministic=deterministic)
     else:
-        integral = reference.raymarch(density, src, tgt, lo, hi, n_samples, labels=mask, n_channels=n_channels)
+        integral = reference.raymarch(density, src, tgt, phase, lo, hi, n_samples, labels=mask, n_channels=n_channels)
     length_mm = (target - source).norm(dim=-1)  # [B, N]
     return integral * length_mm[:, None, :]
