@@ -147,13 +147,16 @@ def goals(rows):
     td = find(rows, "tritondrr", "forward", GOAL_HEIGHT)
     nano = find(rows, "nanodrr-torch", "forward", GOAL_HEIGHT)
     speed = ratio(nano and nano["median_s"], td and td["median_s"])
+    # Accuracy at the rotated pose where measured (the seed pose favours resonant sample spacings).
+    sfx = "_rotated" if td and nano and td.get("rel_err_median_rotated") is not None and nano.get("rel_err_median_rotated") is not None else ""
+    med, p99 = f"rel_err_median{sfx}", f"rel_err_p99{sfx}"
     accurate = None
-    if td and nano and None not in (td.get("rel_err_median"), td.get("rel_err_p99"), nano.get("rel_err_median"), nano.get("rel_err_p99")):
-        accurate = td["rel_err_median"] <= nano["rel_err_median"] and td["rel_err_p99"] <= nano["rel_err_p99"]
+    if td and nano and None not in (td.get(med), td.get(p99), nano.get(med), nano.get(p99)):
+        accurate = td[med] <= nano[med] and td[p99] <= nano[p99]
     measured = "—" if speed is None else f"{speed:.2f}x"
     if accurate is not None:
-        measured += (f"; rel. error median {td['rel_err_median']:.1e} vs {nano['rel_err_median']:.1e},"
-                     f" p99 {td['rel_err_p99']:.1e} vs {nano['rel_err_p99']:.1e}")
+        measured += (f"; rel. error{' (rotated pose)' if sfx else ''} median {td[med]:.1e} vs {nano[med]:.1e},"
+                     f" p99 {td[p99]:.1e} vs {nano[p99]:.1e}")
     status = "n/a" if speed is None or accurate is None else ("pass" if speed >= 3 and accurate else "miss")
     out.append((f"forward {GOAL_HEIGHT}x{GOAL_HEIGHT}: tritondrr vs nanodrr torch (500 samples), at least as accurate",
                 measured, ">= 3x and median, p99 error <= nanodrr's", status))
@@ -214,7 +217,10 @@ def markdown(result) -> str:
             "Relative error against the exact integral of the field each renderer samples, on a 32 x 32"
             " grid of pixels of pose 0 (median / p99 over pixels whose integral is at least 1% of the"
             " largest; see bench/README.md). Forward-mode images.", "",
-            grid(rows, "forward", lambda r: f"{fmt_err(r.get('rel_err_median'))} / {fmt_err(r.get('rel_err_p99'))}"), ""]
+            grid(rows, "forward", lambda r: f"{fmt_err(r.get('rel_err_median'))} / {fmt_err(r.get('rel_err_p99'))}"), "",
+            "The same at a rotated pose (ZXY 0.3, -0.2, 0.5 rad; translations 0, 850, 0 mm), forward"
+            " cases up to 500 x 500:", "",
+            grid(rows, "forward", lambda r: f"{fmt_err(r.get('rel_err_median_rotated'))} / {fmt_err(r.get('rel_err_p99_rotated'))}"), ""]
     if result["skipped"]:
         out += ["## Skipped cases", "", table(["case", "reason"], [[s["name"], s["reason"]] for s in result["skipped"]]), ""]
     return "\n".join(out)

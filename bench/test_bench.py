@@ -94,6 +94,8 @@ def test_drr(benchmark, bench_device, scene, impl_name, mode, size):
     )
     info.update(B.accuracy(scene, impl, image, rotations, translations))
     del image
+    if mode == "forward" and height <= B.ROTATED_MAX_HEIGHT and batch == 1:
+        info.update(B.rotated_accuracy(scene, impl, device))
 
     if not long_call:
         benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)

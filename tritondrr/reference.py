@@ -35,6 +35,7 @@ them), so any image size renders without ``patch_size``.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -42,6 +43,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["TINY", "clip_rays", "raymarch", "support_box", "occupied_box"]
+
+_log = logging.getLogger("tritondrr")
 
 #: Direction components smaller than this are replaced by it, so the slab test never divides by 0.
 TINY = 1e-12
@@ -152,6 +155,10 @@ def _sample_sums(density, first, stride, n_samples):
     global _compiled_gather_sums
     if _use_compiled(density):
         if _compiled_gather_sums is None:
+            _log.warning(
+                "compiling the CPU ray marcher with torch.compile: the first renders take 10-60 s "
+                "(once per process, cached on disk); set TRITONDRR_COMPILE=0 to use grid_sample instead"
+            )
             _compiled_gather_sums = torch.compile(_gather_sums, dynamic=True)
         try:
             return _compiled_gather_sums(density, first, stride, n_samples)

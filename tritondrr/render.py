@@ -131,8 +131,8 @@ def render(
     Example:
         >>> density = torch.ones(4, 4, 4)
         >>> out = render(density, torch.eye(4), torch.tensor([[[-10.0, 1.5, 1.5]]]),
-        ...              torch.tensor([[[10.0, 1.5, 1.5]]]))
-        >>> round(float(out), 4)  # 4 voxels, plus half a voxel of tent on each side
+        ...              torch.tensor([[[10.0, 1.5, 1.5]]]), n_samples=500)
+        >>> round(float(out), 4)  # 1 mm voxels: 3 mm of plateau plus a 1 mm tent on each side
         4.0
     """
     _check_tensor("density", density, 3)
