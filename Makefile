@@ -6,6 +6,7 @@
 #   make bench-quick      heights 100 and 200 and a small batch only; results under .benchmarks/
 #   make bench-peers      only the install;   make bench-run   only the run and the report
 #   make bench-report     only the report, from every bench/results/*.json
+#   make bench-gradients  pose-gradient accuracy of every renderer against the exact gradient
 #   make bench-wheels     (machine with a registry) download the peers' wheels into .peers/
 #   make bench-offline    (the GPU machine, no registry; carry .peers) install them from .peers/
 #                         into a temporary folder, then run the suite and the report
@@ -24,7 +25,7 @@ PEERS_PATH = PYTHONPATH="$(abspath $(SHARED))/peers$${PYTHONPATH:+:$$PYTHONPATH}
 PYTEST_BENCH = $(PEERS_PATH) $(PYTHON) -m pytest bench --bench-device $(DEVICE) \
 	--benchmark-columns=median,min,max,rounds --benchmark-sort=name $(PYTEST_ARGS)
 
-.PHONY: bench bench-peers bench-run bench-quick bench-report bench-wheels bench-offline
+.PHONY: bench bench-peers bench-run bench-quick bench-report bench-wheels bench-offline bench-gradients
 
 bench: bench-peers bench-run
 
@@ -41,7 +42,11 @@ bench-peers:
 bench-run:
 	@mkdir -p bench/results
 	$(PYTEST_BENCH) --benchmark-json=bench/results/$(SLUG).json
+	$(PEERS_PATH) $(PYTHON) bench/gradients.py --device $(DEVICE)
 	$(PYTHON) bench/report.py bench/results/$(SLUG).json
+
+bench-gradients:
+	$(PEERS_PATH) $(PYTHON) bench/gradients.py --device $(DEVICE)
 
 bench-quick:
 	@mkdir -p .benchmarks
