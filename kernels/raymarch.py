@@ -1,46 +1,65 @@
 r"""Fused ray marching through a trilinear volume: forward and backward Triton kernels, then launchers.
 
 The kernels compute exactly ``tritondrr.reference.raymarch`` (no labels) for flat rays: pose ``b``,
-ray ``r``, source ``s`` (shared per pose or per ray), target ``e``, all in index coordinates.
+ray ``r``, source ``s`` (shared per pose or per ray), target ``e``, all in index coordinates,
+and a sampling phase ``phase[r]`` in [0, 1) per ray (shared by all poses).
 
 Forward, per ray::
 
     d  = e - s;  dm_a = TINY if |d_a| < TINY else d_a          (dm only in the slab test)
     tmin_a = min((lo_a - s_a) / dm_a, (hi_a - s_a) / dm_a),  tmax_a = max(...)
     t0 = max(0, max_a tmin_a),  t1 = min(1, min_a tmax_a),  L = max(t1 - t0, 0)
-    u_k = (k + 1/2) / S,  t_k = t0 + u_k L,  p_k = s + t_k d               (raw d, not dm)
-    g  = L / S * F,  F = sum_k f(p_k)
+    u_k = (k + phase) / S,  t_k = t0 + u_k L,  p_k = s + t_k d             (raw d, not dm)
+    p_0end = s + t0 d,  p_1end = s + (t0 + L) d,  c = phase - 1/2
+    g  = L / S * F,  F = sum_k f(p_k) - c (f(p_1end) - f(p_0end))
+
+The sum is the rectangle rule with a per-ray phase (``phase = 1/2``: the midpoint rule, the old
+behaviour, end terms zero); the end term is the Euler-Maclaurin correction that keeps it
+second-order accurate for any phase. A per-ray phase decorrelates the sampling errors of
+neighbouring pixels (no moire, unbiased image-level pose gradients).
 
 ``f`` is the tent interpolant of the zero-extended grid: the 8 corners of the cell containing
 ``p`` are loaded under masks (corner inside the grid), so samples anywhere in the support
 ``[-1, I] x [-1, J] x [-1, K]`` -- or outside it -- are exact without padding the volume.
+``f(p_0end)`` vanishes when the ray enters through a face of the support box (the tent is 0
+there) but not for a source inside the box (``t0 = 0``) or an inner box; likewise ``f(p_1end)``.
+Both end points are evaluated as one ``[BLOCK_R, 2]`` block after the sample loop.
 
-Backward, with ``w = dLoss/dg`` and the per-ray sums over samples (computed in one pass)::
+Backward, with ``w = dLoss/dg``. The end points are two extra weighted samples: weight
+``+c`` at ``u = 0`` (p_0end) and ``-c`` at ``u = 1`` (p_1end), weight 1 for the samples
+``u_k``. With ``omega`` those weights, the per-ray sums (computed in one pass plus the end block)::
 
-    F = sum_k f(p_k),  G = sum_k grad f(p_k),  U = sum_k u_k grad f(p_k)      (G, U: 3-vectors)
-    H = sum_k t_k grad f(p_k) = t0 G + L U,  D0 = G . d,  D1 = U . d
+    F = sum omega f(p),  G = sum omega grad f(p),  U = sum omega u grad f(p)      (G, U: 3-vectors)
+    H = sum omega t grad f(p) = t0 G + L U,  D0 = G . d,  D1 = U . d
 
     dg/ds_a = F/S dL/ds_a + L/S (G_a - H_a + D0 dt0/ds_a + D1 dL/ds_a)
     dg/de_a = F/S dL/de_a + L/S (H_a      + D0 dt0/de_a + D1 dL/de_a)
 
-from ``dp_k/ds = (1 - t_k) I + d (dt_k/ds)^T``, ``dp_k/de = t_k I + d (dt_k/de)^T`` and
-``dt_k = dt0 + u_k dL``. The clip terms: a slab parameter ``t = (P - s_a) / d_a`` (``P`` = lo_a
-or hi_a, the same formula for both planes) has ``dt/ds_a = (t - 1) / d_a`` and
-``dt/de_a = -t / d_a``; where ``|d_a| < TINY`` was replaced, ``dt/ds_a = -1/TINY`` and
-``dt/de_a = 0`` (the replacement is a constant). ``dt0`` is that derivative for the axis whose
-``tmin`` is the maximum (ties share the gradient equally, as ``torch.amax`` does), gated by
-``max_a tmin_a >= 0`` (``clamp(min=0)`` passes the gradient at equality); likewise ``dt1`` with
-``tmax``, the minimum and ``<= 1``; ``dL = (dt1 - dt0)`` gated by ``t1 - t0 >= 0``. These match
-the reference's autograd gradients, including ties.
+from ``dp/ds = (1 - t) I + d (dt/ds)^T``, ``dp/de = t I + d (dt/de)^T`` and
+``dt = dt0 + u dL`` for every weighted point (``dt1 = dt0 + dL`` at p_1end). Spelled out, the
+sample terms use ``dp_k = ds + t_k dd + d (dt0 + u_k dL)`` with ``u_k = (k + phase)/S``, and
+the end term ``E = -(L/S) c (f(p_1end) - f(p_0end))`` contributes ``-c (f1 - f0)/S dL`` (in
+``F/S dL``), ``-(L/S) c grad f(p_1end) . (ds + t1 dd + d dt1)`` and
+``+(L/S) c grad f(p_0end) . (ds + t0 dd + d dt0)`` (in the ``L/S`` bracket). The clip terms: a
+slab parameter ``t = (P - s_a) / d_a`` (``P`` = lo_a or hi_a, the same formula for both planes)
+has ``dt/ds_a = (t - 1) / d_a`` and ``dt/de_a = -t / d_a``; where ``|d_a| < TINY`` was
+replaced, ``dt/ds_a = -1/TINY`` and ``dt/de_a = 0`` (the replacement is a constant). ``dt0`` is
+that derivative for the axis whose ``tmin`` is the maximum (ties share the gradient equally, as
+``torch.amax`` does), gated by ``max_a tmin_a >= 0`` (``clamp(min=0)`` passes the gradient at
+equality); likewise ``dt1`` with ``tmax``, the minimum and ``<= 1``; ``dL = (dt1 - dt0)`` gated
+by ``t1 - t0 >= 0``. These match the reference's autograd gradients, including ties. The phase
+is an input, not differentiated.
 
-The volume gradient is the exact adjoint: ``dg/dV[c] = L/S sum_k weight_c(p_k)``, scattered with
-``atomic_add`` of ``w L/S`` times the same trilinear weights and masks as the forward loads. In
-the deterministic mode each contribution is rounded to a 64-bit fixed-point integer with a
-power-of-two scale ``2^(60 - ceil(log2 sum_r |w_r|))`` (a bound on every voxel's total, since a
-ray's weights sum to at most ``L <= 1``) and added with integer atomics: integer addition is
-associative, so the result is bitwise repeatable whatever the order of the atomics. Memory: one
-int64 buffer the size of the volume (8 bytes per voxel, against 4 for the float32 atomic
-buffer); resolution ``2^-60 sum_r |w_r|`` per contribution.
+The volume gradient is the exact adjoint: ``dg/dV[c] = L/S sum omega weight_c(p)`` over the
+samples and the two end points, scattered with ``atomic_add`` of ``w L/S omega`` times the same
+trilinear weights and masks as the forward loads (``-w L/S c`` at the corners of p_1end,
+``+w L/S c`` at those of p_0end). In the deterministic mode each contribution is rounded to a
+64-bit fixed-point integer with a power-of-two scale ``2^(59 - ceil(log2 sum_r |w_r|))`` (a
+voxel's total is at most ``2 sum_r |w_r|``, since a ray's weights sum to at most
+``L/S (S + 2|c|) <= 2``) and added with integer atomics: integer addition is associative, so
+the result is bitwise repeatable whatever the order of the atomics. Memory: one int64 buffer
+the size of the volume (8 bytes per voxel, against 4 for the float32 atomic buffer);
+resolution ``2^-59 sum_r |w_r|`` per contribution.
 
 Layout: the grid is ``(cdiv(N, BLOCK_R), B)``; a program takes ``BLOCK_R`` consecutive rays of one
 pose (a run of detector pixels along a row when rays are row-major) and marches them in chunks
@@ -110,6 +129,84 @@ def _cell(x, n, INT64: tl.constexpr):
 
 
 @triton.jit
+def _corners(x, y, z, m, size_i, size_j, size_k, stride_i, stride_j, INT64: tl.constexpr):
+    """Cell of the points (x, y, z) [R, S] (any 2-D block) under mask m [R, S].
+
+    Returns the offset of corner (0, 0, 0), the fractions, the i-masks of corners i0 / i0 + 1
+    and the (j, k) masks m00, m01, m10, m11 (``m`` included): corner (a, b, c) is loaded under
+    ``m{bc} & mi{a}``.
+    """
+    ix, fx, mi0, mi1 = _cell(x, size_i, INT64)
+    iy, fy, mj0, mj1 = _cell(y, size_j, INT64)
+    iz, fz, mk0, mk1 = _cell(z, size_k, INT64)
+    off = ix * stride_i + iy * stride_j + iz  # [R, S]
+    m00 = m & mj0 & mk0
+    m01 = m & mj0 & mk1
+    m10 = m & mj1 & mk0
+    m11 = m & mj1 & mk1
+    return off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11
+
+
+@triton.jit
+def _load8(vol_ptr, off, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT: tl.constexpr):
+    """The 8 corner values of the cells (masked corners read 0), upcast to CDT. Each [R, S]."""
+    base = vol_ptr + off
+    v000 = tl.load(base, mask=m00 & mi0, other=0.0).to(CDT)
+    v001 = tl.load(base + 1, mask=m01 & mi0, other=0.0).to(CDT)
+    v010 = tl.load(base + stride_j, mask=m10 & mi0, other=0.0).to(CDT)
+    v011 = tl.load(base + stride_j + 1, mask=m11 & mi0, other=0.0).to(CDT)
+    v100 = tl.load(base + stride_i, mask=m00 & mi1, other=0.0).to(CDT)
+    v101 = tl.load(base + stride_i + 1, mask=m01 & mi1, other=0.0).to(CDT)
+    v110 = tl.load(base + stride_i + stride_j, mask=m10 & mi1, other=0.0).to(CDT)
+    v111 = tl.load(base + stride_i + stride_j + 1, mask=m11 & mi1, other=0.0).to(CDT)
+    return v000, v001, v010, v011, v100, v101, v110, v111
+
+
+@triton.jit
+def _value(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT: tl.constexpr):
+    """Trilinear value f at the points of a block. [R, S]"""
+    v000, v001, v010, v011, v100, v101, v110, v111 = _load8(
+        vol_ptr, off, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT
+    )
+    # Interpolate along k, then j, then i.
+    c00 = v000 + fz * (v001 - v000)
+    c01 = v010 + fz * (v011 - v010)
+    c10 = v100 + fz * (v101 - v100)
+    c11 = v110 + fz * (v111 - v110)
+    c0 = c00 + fy * (c01 - c00)
+    c1 = c10 + fy * (c11 - c10)
+    return c0 + fx * (c1 - c0)
+
+
+@triton.jit
+def _value_grad(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT: tl.constexpr):
+    """Trilinear value f and its gradient (gx, gy, gz) at the points of a block. Each [R, S]."""
+    v000, v001, v010, v011, v100, v101, v110, v111 = _load8(
+        vol_ptr, off, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT
+    )
+    # Along k: values and k-differences of the four (i, j) edges.
+    c00 = v000 + fz * (v001 - v000)
+    c01 = v010 + fz * (v011 - v010)
+    c10 = v100 + fz * (v101 - v100)
+    c11 = v110 + fz * (v111 - v110)
+    e00 = v001 - v000
+    e01 = v011 - v010
+    e10 = v101 - v100
+    e11 = v111 - v110
+    # Along j.
+    c0 = c00 + fy * (c01 - c00)
+    c1 = c10 + fy * (c11 - c10)
+    dz0 = e00 + fy * (e01 - e00)
+    dz1 = e10 + fy * (e11 - e10)
+    # Along i: value and the three partial derivatives.
+    f = c0 + fx * (c1 - c0)
+    gx = c1 - c0
+    gy = (c01 - c00) + fx * ((c11 - c10) - (c01 - c00))
+    gz = dz0 + fx * (dz1 - dz0)
+    return f, gx, gy, gz
+
+
+@triton.jit
 def _load_ray(src_ptr, tgt_ptr, pid_b, rays, n_rays, src_stride_b, src_stride_r, mask_r):
     """Source and target coordinates of BLOCK_R rays. All [BLOCK_R]."""
     src = src_ptr + pid_b * src_stride_b + rays * src_stride_r
@@ -131,10 +228,27 @@ def _ray_block(pid_r, INT64: tl.constexpr, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def _ends(t0s, length, phase):
+    """The two end points of each ray as a [BLOCK_R, 2] block: t, end weight and u.
+
+    Column 0 is p_0end (t = t0, weight +(phase - 1/2), u = 0), column 1 is p_1end
+    (t = t0 + L, weight -(phase - 1/2), u = 1). All [BLOCK_R, 2].
+    """
+    col = tl.arange(0, 2)[None, :]  # [1, 2]
+    first = col == 0
+    u = tl.where(first, 0.0, 1.0).to(t0s.dtype)  # [1, 2]
+    t = t0s[:, None] + length[:, None] * u  # [BLOCK_R, 2]
+    c = phase - 0.5  # [BLOCK_R]
+    weight = tl.where(first, c[:, None], -c[:, None])  # [BLOCK_R, 2]
+    return t, weight, u
+
+
+@triton.jit
 def _raymarch_fwd_kernel(
     vol_ptr,  # (I, J, K) contiguous, fp32/fp16/bf16/fp64
     src_ptr,  # (B, 1, 3) or (B, N, 3) contiguous, fp32/fp64
     tgt_ptr,  # (B, N, 3) contiguous, same dtype as src
+    phase_ptr,  # (N,) contiguous, same dtype as src: the rays' sampling phases in [0, 1)
     out_ptr,  # (B, 1, N) in the rays' dtype
     n_rays,
     src_stride_b,  # 3 for a shared source, 3 N otherwise
@@ -163,6 +277,7 @@ def _raymarch_fwd_kernel(
     rays = _ray_block(pid_r, INT64, BLOCK_R)  # [BLOCK_R]
     mask_r = rays < n_rays
     sx, sy, sz, ex, ey, ez = _load_ray(src_ptr, tgt_ptr, pid_b, rays, n_rays, src_stride_b, src_stride_r, mask_r)
+    phase = tl.load(phase_ptr + rays, mask=mask_r, other=0.5)  # [BLOCK_R]
 
     dx, dmx, tmin_x, tmax_x, small_x = _clip_axis(sx, ex, lo0, hi0)
     dy, dmy, tmin_y, tmax_y, small_y = _clip_axis(sy, ey, lo1, hi1)
@@ -177,36 +292,41 @@ def _raymarch_fwd_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
     for start in range(0, n_samples, BLOCK_S):
         k = start + tl.arange(0, BLOCK_S)  # [BLOCK_S]
-        u = (k.to(CDT) + 0.5) / n_samples
-        t = t0s[:, None] + length[:, None] * u[None, :]  # [BLOCK_R, BLOCK_S]
+        u = (k.to(CDT)[None, :] + phase[:, None]) / n_samples  # [BLOCK_R, BLOCK_S]
+        t = t0s[:, None] + length[:, None] * u  # [BLOCK_R, BLOCK_S]
         m = hit[:, None] & (k < n_samples)[None, :]
-        ix, fx, mi0, mi1 = _cell(sx[:, None] + t * dx[:, None], size_i, INT64)
-        iy, fy, mj0, mj1 = _cell(sy[:, None] + t * dy[:, None], size_j, INT64)
-        iz, fz, mk0, mk1 = _cell(sz[:, None] + t * dz[:, None], size_k, INT64)
-        base = vol_ptr + (ix * stride_i + iy * stride_j + iz)  # [BLOCK_R, BLOCK_S]
-        m00 = m & mj0 & mk0
-        m01 = m & mj0 & mk1
-        m10 = m & mj1 & mk0
-        m11 = m & mj1 & mk1
-        v000 = tl.load(base, mask=m00 & mi0, other=0.0).to(CDT)
-        v001 = tl.load(base + 1, mask=m01 & mi0, other=0.0).to(CDT)
-        v010 = tl.load(base + stride_j, mask=m10 & mi0, other=0.0).to(CDT)
-        v011 = tl.load(base + stride_j + 1, mask=m11 & mi0, other=0.0).to(CDT)
-        v100 = tl.load(base + stride_i, mask=m00 & mi1, other=0.0).to(CDT)
-        v101 = tl.load(base + stride_i + 1, mask=m01 & mi1, other=0.0).to(CDT)
-        v110 = tl.load(base + stride_i + stride_j, mask=m10 & mi1, other=0.0).to(CDT)
-        v111 = tl.load(base + stride_i + stride_j + 1, mask=m11 & mi1, other=0.0).to(CDT)
-        # Interpolate along k, then j, then i.
-        c00 = v000 + fz * (v001 - v000)
-        c01 = v010 + fz * (v011 - v010)
-        c10 = v100 + fz * (v101 - v100)
-        c11 = v110 + fz * (v111 - v110)
-        c0 = c00 + fy * (c01 - c00)
-        c1 = c10 + fy * (c11 - c10)
-        acc += c0 + fx * (c1 - c0)
+        off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = _corners(
+            sx[:, None] + t * dx[:, None],
+            sy[:, None] + t * dy[:, None],
+            sz[:, None] + t * dz[:, None],
+            m,
+            size_i,
+            size_j,
+            size_k,
+            stride_i,
+            stride_j,
+            INT64,
+        )
+        acc += _value(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT)
         # Labelmap hook: a per-sample channel index would select one of N_CHANNELS accumulators here.
 
-    g = tl.sum(acc, axis=1) * (length / n_samples)  # [BLOCK_R]
+    # End correction: -(phase - 1/2) (f(p_1end) - f(p_0end)), both ends as one [BLOCK_R, 2] block.
+    te, we, ue = _ends(t0s, length, phase)  # [BLOCK_R, 2]
+    off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = _corners(
+        sx[:, None] + te * dx[:, None],
+        sy[:, None] + te * dy[:, None],
+        sz[:, None] + te * dz[:, None],
+        hit[:, None] & (ue >= 0.0),
+        size_i,
+        size_j,
+        size_k,
+        stride_i,
+        stride_j,
+        INT64,
+    )
+    fe = _value(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT)  # [BLOCK_R, 2]
+    total = tl.sum(acc, axis=1) + tl.sum(we * fe, axis=1)  # [BLOCK_R]
+    g = total * (length / n_samples)  # [BLOCK_R]
     tl.store(out_ptr + pid_b * n_rays + rays, g.to(out_ptr.dtype.element_ty), mask=mask_r)
 
 
@@ -220,7 +340,7 @@ def _slab_grad(t, dm, small):
 
 @triton.jit
 def _scatter(ptr, val, mask, fixed, DETERMINISTIC: tl.constexpr):
-    """Atomic add of val [BLOCK_R, BLOCK_S] into the volume-gradient buffer."""
+    """Atomic add of val [R, S] into the volume-gradient buffer."""
     if DETERMINISTIC:
         # 64-bit fixed point: integer atomics commute, so the total is bitwise repeatable.
         tl.atomic_add(ptr, tl.floor(val * fixed + 0.5).to(tl.int64), mask=mask, sem="relaxed")
@@ -229,10 +349,48 @@ def _scatter(ptr, val, mask, fixed, DETERMINISTIC: tl.constexpr):
 
 
 @triton.jit
+def _scatter8(
+    grad_vol_ptr,
+    off,
+    fx,
+    fy,
+    fz,
+    a,
+    mi0,
+    mi1,
+    m00,
+    m01,
+    m10,
+    m11,
+    stride_i,
+    stride_j,
+    fixed,
+    DETERMINISTIC: tl.constexpr,
+):
+    """Adjoint of the 8 loads: a [R, S] times the trilinear weights, same offsets and masks."""
+    gx1 = fx
+    gx0 = 1.0 - fx
+    a00 = a * (1.0 - fy) * (1.0 - fz)  # [R, S]
+    a01 = a * (1.0 - fy) * fz
+    a10 = a * fy * (1.0 - fz)
+    a11 = a * fy * fz
+    ptr = grad_vol_ptr + off
+    _scatter(ptr, gx0 * a00, m00 & mi0, fixed, DETERMINISTIC)
+    _scatter(ptr + 1, gx0 * a01, m01 & mi0, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_j, gx0 * a10, m10 & mi0, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_j + 1, gx0 * a11, m11 & mi0, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_i, gx1 * a00, m00 & mi1, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_i + 1, gx1 * a01, m01 & mi1, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_i + stride_j, gx1 * a10, m10 & mi1, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_i + stride_j + 1, gx1 * a11, m11 & mi1, fixed, DETERMINISTIC)
+
+
+@triton.jit
 def _raymarch_bwd_kernel(
     vol_ptr,  # (I, J, K) contiguous
     src_ptr,  # (B, 1, 3) or (B, N, 3)
     tgt_ptr,  # (B, N, 3)
+    phase_ptr,  # (N,) the rays' dtype
     grad_out_ptr,  # (B, 1, N) contiguous, the rays' dtype
     grad_src_ptr,  # (B, N, 3) per-ray source gradient (summed over rays by the launcher if shared)
     grad_tgt_ptr,  # (B, N, 3)
@@ -268,6 +426,7 @@ def _raymarch_bwd_kernel(
     rays = _ray_block(pid_r, INT64, BLOCK_R)  # [BLOCK_R]
     mask_r = rays < n_rays
     sx, sy, sz, ex, ey, ez = _load_ray(src_ptr, tgt_ptr, pid_b, rays, n_rays, src_stride_b, src_stride_r, mask_r)
+    phase = tl.load(phase_ptr + rays, mask=mask_r, other=0.5)  # [BLOCK_R]
     w = tl.load(grad_out_ptr + pid_b * n_rays + rays, mask=mask_r, other=0.0).to(CDT)  # [BLOCK_R]
 
     dx, dmx, tmin_x, tmax_x, small_x = _clip_axis(sx, ex, lo0, hi0)
@@ -284,7 +443,7 @@ def _raymarch_bwd_kernel(
     # their samples (all at t0 <= 1) must be evaluated; other misses need no loads.
     live = mask_r & (t1 - t0 >= 0)
     scale = length / n_samples  # [BLOCK_R]
-    wscale = w * scale
+    wscale = tl.where(hit, w * scale, 0.0)
 
     acc_f = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
     acc_gx = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
@@ -299,80 +458,99 @@ def _raymarch_bwd_kernel(
         fixed = 1.0  # unused
     for start in range(0, n_samples, BLOCK_S):
         k = start + tl.arange(0, BLOCK_S)  # [BLOCK_S]
-        u = (k.to(CDT) + 0.5) / n_samples
-        t = t0s[:, None] + length[:, None] * u[None, :]  # [BLOCK_R, BLOCK_S]
+        u = (k.to(CDT)[None, :] + phase[:, None]) / n_samples  # [BLOCK_R, BLOCK_S]
+        t = t0s[:, None] + length[:, None] * u  # [BLOCK_R, BLOCK_S]
         m = live[:, None] & (k < n_samples)[None, :]
-        ix, fx, mi0, mi1 = _cell(sx[:, None] + t * dx[:, None], size_i, INT64)
-        iy, fy, mj0, mj1 = _cell(sy[:, None] + t * dy[:, None], size_j, INT64)
-        iz, fz, mk0, mk1 = _cell(sz[:, None] + t * dz[:, None], size_k, INT64)
-        off = ix * stride_i + iy * stride_j + iz  # [BLOCK_R, BLOCK_S]
-        m00 = m & mj0 & mk0
-        m01 = m & mj0 & mk1
-        m10 = m & mj1 & mk0
-        m11 = m & mj1 & mk1
+        off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = _corners(
+            sx[:, None] + t * dx[:, None],
+            sy[:, None] + t * dy[:, None],
+            sz[:, None] + t * dz[:, None],
+            m,
+            size_i,
+            size_j,
+            size_k,
+            stride_i,
+            stride_j,
+            INT64,
+        )
         if NEED_POSE_GRAD:
-            base = vol_ptr + off
-            v000 = tl.load(base, mask=m00 & mi0, other=0.0).to(CDT)
-            v001 = tl.load(base + 1, mask=m01 & mi0, other=0.0).to(CDT)
-            v010 = tl.load(base + stride_j, mask=m10 & mi0, other=0.0).to(CDT)
-            v011 = tl.load(base + stride_j + 1, mask=m11 & mi0, other=0.0).to(CDT)
-            v100 = tl.load(base + stride_i, mask=m00 & mi1, other=0.0).to(CDT)
-            v101 = tl.load(base + stride_i + 1, mask=m01 & mi1, other=0.0).to(CDT)
-            v110 = tl.load(base + stride_i + stride_j, mask=m10 & mi1, other=0.0).to(CDT)
-            v111 = tl.load(base + stride_i + stride_j + 1, mask=m11 & mi1, other=0.0).to(CDT)
-            # Along k: values and k-differences of the four (i, j) edges.
-            c00 = v000 + fz * (v001 - v000)
-            c01 = v010 + fz * (v011 - v010)
-            c10 = v100 + fz * (v101 - v100)
-            c11 = v110 + fz * (v111 - v110)
-            e00 = v001 - v000
-            e01 = v011 - v010
-            e10 = v101 - v100
-            e11 = v111 - v110
-            # Along j.
-            c0 = c00 + fy * (c01 - c00)
-            c1 = c10 + fy * (c11 - c10)
-            dz0 = e00 + fy * (e01 - e00)
-            dz1 = e10 + fy * (e11 - e10)
-            # Along i: value and the three partial derivatives.
-            f = c0 + fx * (c1 - c0)
-            gx = c1 - c0
-            gy = (c01 - c00) + fx * ((c11 - c10) - (c01 - c00))
-            gz = dz0 + fx * (dz1 - dz0)
+            f, gx, gy, gz = _value_grad(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT)
             acc_f += f
             acc_gx += gx
             acc_gy += gy
             acc_gz += gz
-            acc_ux += u[None, :] * gx
-            acc_uy += u[None, :] * gy
-            acc_uz += u[None, :] * gz
+            acc_ux += u * gx
+            acc_uy += u * gy
+            acc_uz += u * gz
         if NEED_VOLUME_GRAD:
             # Adjoint of the 8 loads: the same offsets, masks and weights, times w L / S.
             mv = hit[:, None]
-            gx1 = fx
-            gx0 = 1.0 - fx
-            a00 = wscale[:, None] * (1.0 - fy) * (1.0 - fz)  # [BLOCK_R, BLOCK_S]
-            a01 = wscale[:, None] * (1.0 - fy) * fz
-            a10 = wscale[:, None] * fy * (1.0 - fz)
-            a11 = wscale[:, None] * fy * fz
-            ptr = grad_vol_ptr + off
-            _scatter(ptr, gx0 * a00, mv & m00 & mi0, fixed, DETERMINISTIC)
-            _scatter(ptr + 1, gx0 * a01, mv & m01 & mi0, fixed, DETERMINISTIC)
-            _scatter(ptr + stride_j, gx0 * a10, mv & m10 & mi0, fixed, DETERMINISTIC)
-            _scatter(ptr + stride_j + 1, gx0 * a11, mv & m11 & mi0, fixed, DETERMINISTIC)
-            _scatter(ptr + stride_i, gx1 * a00, mv & m00 & mi1, fixed, DETERMINISTIC)
-            _scatter(ptr + stride_i + 1, gx1 * a01, mv & m01 & mi1, fixed, DETERMINISTIC)
-            _scatter(ptr + stride_i + stride_j, gx1 * a10, mv & m10 & mi1, fixed, DETERMINISTIC)
-            _scatter(ptr + stride_i + stride_j + 1, gx1 * a11, mv & m11 & mi1, fixed, DETERMINISTIC)
+            a = tl.broadcast_to(wscale[:, None], [BLOCK_R, BLOCK_S])
+            _scatter8(
+                grad_vol_ptr,
+                off,
+                fx,
+                fy,
+                fz,
+                a,
+                mi0,
+                mi1,
+                mv & m00,
+                mv & m01,
+                mv & m10,
+                mv & m11,
+                stride_i,
+                stride_j,
+                fixed,
+                DETERMINISTIC,
+            )
+
+    # End correction: the two end points as weighted samples of a [BLOCK_R, 2] block, weight
+    # +(phase - 1/2) at p_0end (u = 0) and -(phase - 1/2) at p_1end (u = 1). Only rays with L > 0
+    # need them: for L = 0 both ends coincide and the correction vanishes with its derivatives.
+    te, we, ue = _ends(t0s, length, phase)  # [BLOCK_R, 2]
+    off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = _corners(
+        sx[:, None] + te * dx[:, None],
+        sy[:, None] + te * dy[:, None],
+        sz[:, None] + te * dz[:, None],
+        hit[:, None] & (ue >= 0.0),
+        size_i,
+        size_j,
+        size_k,
+        stride_i,
+        stride_j,
+        INT64,
+    )
+    if NEED_VOLUME_GRAD:
+        _scatter8(
+            grad_vol_ptr,
+            off,
+            fx,
+            fy,
+            fz,
+            wscale[:, None] * we,
+            mi0,
+            mi1,
+            m00,
+            m01,
+            m10,
+            m11,
+            stride_i,
+            stride_j,
+            fixed,
+            DETERMINISTIC,
+        )
 
     if NEED_POSE_GRAD:
-        F = tl.sum(acc_f, axis=1)  # [BLOCK_R]
-        Gx = tl.sum(acc_gx, axis=1)
-        Gy = tl.sum(acc_gy, axis=1)
-        Gz = tl.sum(acc_gz, axis=1)
-        Ux = tl.sum(acc_ux, axis=1)
-        Uy = tl.sum(acc_uy, axis=1)
-        Uz = tl.sum(acc_uz, axis=1)
+        fe, gex, gey, gez = _value_grad(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT)
+        # Sums over the samples plus the weighted end points (u_end = 0, 1).
+        F = tl.sum(acc_f, axis=1) + tl.sum(we * fe, axis=1)  # [BLOCK_R]
+        Gx = tl.sum(acc_gx, axis=1) + tl.sum(we * gex, axis=1)
+        Gy = tl.sum(acc_gy, axis=1) + tl.sum(we * gey, axis=1)
+        Gz = tl.sum(acc_gz, axis=1) + tl.sum(we * gez, axis=1)
+        Ux = tl.sum(acc_ux, axis=1) + tl.sum(we * ue * gex, axis=1)
+        Uy = tl.sum(acc_uy, axis=1) + tl.sum(we * ue * gey, axis=1)
+        Uz = tl.sum(acc_uz, axis=1) + tl.sum(we * ue * gez, axis=1)
         Hx = t0 * Gx + length * Ux  # sum_k t_k grad f
         Hy = t0 * Gy + length * Uy
         Hz = t0 * Gz + length * Uz
@@ -503,6 +681,7 @@ def raymarch_forward(
     density: torch.Tensor,
     source: torch.Tensor,
     target: torch.Tensor,
+    phase: torch.Tensor,
     lo,
     hi,
     n_samples: int,
@@ -517,6 +696,8 @@ def raymarch_forward(
         density: (I, J, K) contiguous volume.
         source: (B, 1, 3) or (B, N, 3) contiguous rays' starts, index coordinates, fp32/fp64.
         target: (B, N, 3) contiguous, same dtype as ``source``.
+        phase: (N,) contiguous, same dtype as ``source``: each ray's sampling phase in [0, 1)
+            (shared by all poses).
         lo, hi: 3 floats each, the box (index coordinates; passed to the kernel as fp32).
         n_samples: samples per ray.
         out: optional (B, 1, N) output buffer (tests pass a NaN-filled one).
@@ -535,7 +716,7 @@ def raymarch_forward(
     args, int64 = _common_args(density, source, target, lo, hi, n_samples)
     grid = (triton.cdiv(n_rays, br), batch)
     _wrap(_raymarch_fwd_kernel)[grid](
-        density, source, target, out, *args, INT64=int64, BLOCK_R=br, BLOCK_S=bs, num_warps=warps
+        density, source, target, phase, out, *args, INT64=int64, BLOCK_R=br, BLOCK_S=bs, num_warps=warps
     )
     return out
 
@@ -543,12 +724,14 @@ def raymarch_forward(
 def fixed_point_scale(grad_out: torch.Tensor) -> torch.Tensor:
     """(1,) fp64 power of two such that every voxel's fixed-point total stays below 2^60.
 
-    A voxel's gradient is bounded by sum_r |w_r| (a ray's trilinear weights sum to at most
-    L <= 1). Computed on the device: no host synchronisation. NaN when ``grad_out`` is not
-    finite (fixed point cannot hold inf/NaN; the NaN then reaches the result).
+    A voxel's gradient is bounded by 2 sum_r |w_r|: a ray's trilinear weights sum to at most
+    L/S (S + 2 |phase - 1/2|) <= L (1 + 1/S) <= 2 (the samples plus the two end-correction
+    points), so the scale is 2^(59 - ceil(log2 sum_r |w_r|)). Computed on the device: no host
+    synchronisation. NaN when ``grad_out`` is not finite (fixed point cannot hold inf/NaN; the NaN
+    then reaches the result).
     """
     bound = grad_out.detach().abs().sum(dtype=torch.float64).reshape(1)
-    exponent = (60.0 - torch.ceil(torch.log2(bound.clamp(min=1e-300)))).clamp(-960.0, 960.0)
+    exponent = (59.0 - torch.ceil(torch.log2(bound.clamp(min=1e-300)))).clamp(-960.0, 960.0)
     return torch.where(torch.isfinite(bound), torch.exp2(exponent), torch.nan)
 
 
@@ -557,6 +740,7 @@ def raymarch_backward(
     density: torch.Tensor,
     source: torch.Tensor,
     target: torch.Tensor,
+    phase: torch.Tensor,
     lo,
     hi,
     n_samples: int,
@@ -569,10 +753,11 @@ def raymarch_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward kernel: ``(grad_density, grad_source, grad_target)``, None where not asked.
 
-    ``grad_out`` is (B, 1, N) contiguous. ``grad_source`` has ``source``'s shape (per-ray source
-    gradients are summed over rays for a shared source, deterministically). ``grad_density`` has
-    ``density``'s dtype; it is accumulated in fp32 (fp64 for fp64 volumes) with float atomics, or
-    in 64-bit fixed point when ``deterministic`` (bitwise repeatable; module docstring).
+    ``grad_out`` is (B, 1, N) contiguous; ``phase`` is (N,) as in ``raymarch_forward``.
+    ``grad_source`` has ``source``'s shape (per-ray source gradients are summed over rays for a
+    shared source, deterministically). ``grad_density`` has ``density``'s dtype; it is accumulated
+    in fp32 (fp64 for fp64 volumes) with float atomics, or in 64-bit fixed point when
+    ``deterministic`` (bitwise repeatable; module docstring).
     """
     batch, n_rays, _ = target.shape
     dev, rdt = target.device, target.dtype
@@ -598,6 +783,7 @@ def raymarch_backward(
             density,
             source,
             target,
+            phase,
             grad_out,
             grad_src if need_pose else dummy,
             grad_tgt if need_pose else dummy,

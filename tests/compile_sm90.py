@@ -61,7 +61,13 @@ def _scalars(int_type: str, ones: tuple[str, ...]) -> tuple[dict, dict]:
 
 
 def _forward(vol: str, rays: str, int64: bool, ones=(), block_r=64, block_s=32):
-    sig = {"vol_ptr": _PTR[vol], "src_ptr": _PTR[rays], "tgt_ptr": _PTR[rays], "out_ptr": _PTR[rays]}
+    sig = {
+        "vol_ptr": _PTR[vol],
+        "src_ptr": _PTR[rays],
+        "tgt_ptr": _PTR[rays],
+        "phase_ptr": _PTR[rays],
+        "out_ptr": _PTR[rays],
+    }
     scal, const = _scalars("i64" if int64 else "i32", ones)
     sig.update(scal)
     const.update(INT64=int64, BLOCK_R=block_r, BLOCK_S=block_s)
@@ -75,6 +81,7 @@ def _backward(vol, rays, int64, pose, volume, det, ones=(), block_r=32, block_s=
         "vol_ptr": _PTR[vol],
         "src_ptr": _PTR[rays],
         "tgt_ptr": _PTR[rays],
+        "phase_ptr": _PTR[rays],
         "grad_out_ptr": _PTR[rays],
         "grad_src_ptr": _PTR[rays],
         "grad_tgt_ptr": _PTR[rays],

@@ -1,12 +1,14 @@
 """The Triton backend as ``torch.library`` custom ops with autograd: ``raymarch``.
 
-``raymarch(density, source, target, lo, hi, n_samples, *, deterministic=False)`` computes
-exactly ``tritondrr.reference.raymarch`` (no labels) with the kernels of
-``tritondrr.kernels.raymarch``. Two ops are registered:
+``raymarch(density, source, target, phase, lo, hi, n_samples, *, deterministic=False)``
+computes exactly ``tritondrr.reference.raymarch`` (no labels) with the kernels of
+``tritondrr.kernels.raymarch``: per ray, the rectangle rule with the ray's sampling ``phase``
+plus the Euler-Maclaurin end correction (the kernels' module docstring). Two ops are registered:
 
 - ``tritondrr::raymarch`` (forward), differentiable with respect to ``density``, ``source``
-  and ``target`` through ``register_autograd``. The autograd context saves the inputs (the
-  rays and a reference to the volume, no samples); the backward recomputes the samples.
+  and ``target`` through ``register_autograd`` (``phase`` is not differentiated). The autograd
+  context saves the inputs (the rays, the phases and a reference to the volume, no samples);
+  the backward recomputes the samples.
 - ``tritondrr::raymarch_backward``: one launch of the backward kernel, which returns the pose
   gradients (per ray, reduced in registers) and, only when the volume needs a gradient, the
   volume gradient (atomics; 64-bit fixed point when ``deterministic``).
@@ -58,15 +60,16 @@ def _forward_impl(
     density: torch.Tensor,
     source: torch.Tensor,
     target: torch.Tensor,
+    phase: torch.Tensor,
     lo: Sequence[float],
     hi: Sequence[float],
     n_samples: int,
     deterministic: bool,
 ) -> torch.Tensor:
-    return _kernels.raymarch_forward(density, source, target, lo, hi, n_samples)
+    return _kernels.raymarch_forward(density, source, target, phase, lo, hi, n_samples)
 
 
-def _forward_fake(density, source, target, lo, hi, n_samples, deterministic):
+def _forward_fake(density, source, target, phase, lo, hi, n_samples, deterministic):
     batch, n_rays, _ = target.shape
     return target.new_empty((batch, 1, n_rays))
 
@@ -84,6 +87,7 @@ def _backward_impl(
     density: torch.Tensor,
     source: torch.Tensor,
     target: torch.Tensor,
+    phase: torch.Tensor,
     lo: Sequence[float],
     hi: Sequence[float],
     n_samples: int,
@@ -96,6 +100,7 @@ def _backward_impl(
         density,
         source,
         target,
+        phase,
         lo,
         hi,
         n_samples,
@@ -112,7 +117,7 @@ def _backward_impl(
     return grad_vol, grad_src, grad_tgt
 
 
-def _backward_fake(grad_out, density, source, target, lo, hi, n_samples, need_pose, need_volume, deterministic):
+def _backward_fake(grad_out, density, source, target, phase, lo, hi, n_samples, need_pose, need_volume, deterministic):
     grad_vol = density.new_empty(density.shape if need_volume else (0,))
     grad_src = source.new_empty(source.shape if need_pose else (0,))
     grad_tgt = target.new_empty(target.shape if need_pose else (0,))
@@ -123,25 +128,26 @@ _raymarch_backward_op = _define("tritondrr::raymarch_backward", _backward_impl, 
 
 
 def _setup_context(ctx, inputs, output):
-    density, source, target, lo, hi, n_samples, deterministic = inputs
-    ctx.save_for_backward(density, source, target)
+    density, source, target, phase, lo, hi, n_samples, deterministic = inputs
+    ctx.save_for_backward(density, source, target, phase)
     ctx.config = (list(lo), list(hi), n_samples, deterministic)
 
 
 def _backward(ctx, grad_out):
-    density, source, target = ctx.saved_tensors
+    density, source, target, phase = ctx.saved_tensors
     lo, hi, n_samples, deterministic = ctx.config
     need_volume = ctx.needs_input_grad[0]
     need_pose = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     if not (need_volume or need_pose):
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     grad_vol, grad_src, grad_tgt = _raymarch_backward_op(
-        grad_out.contiguous(), density, source, target, lo, hi, n_samples, need_pose, need_volume, deterministic
+        grad_out.contiguous(), density, source, target, phase, lo, hi, n_samples, need_pose, need_volume, deterministic
     )
     return (
         grad_vol if need_volume else None,
         grad_src if ctx.needs_input_grad[1] else None,
         grad_tgt if ctx.needs_input_grad[2] else None,
+        None,  # phase
         None,
         None,
         None,
@@ -175,13 +181,23 @@ def raymarch(
     density: torch.Tensor,
     source: torch.Tensor,
     target: torch.Tensor,
+    phase: torch.Tensor,
     lo,
     hi,
     n_samples: int,
     *,
     deterministic: bool = False,
 ) -> torch.Tensor:
-    """Midpoint-rule integral of the density along rays (``tritondrr.reference.raymarch``), in Triton.
+    """Integral of the density along rays (``tritondrr.reference.raymarch``), in Triton.
+
+    Per ray, with the clipped parameter interval ``[t0, t0 + L]``, ``u_k = (k + phase) / S`` and
+    ``c = phase - 1/2``::
+
+        g = L / S * (sum_k f(s + (t0 + u_k L) d) - c (f(s + (t0 + L) d) - f(s + t0 d)))
+
+    the rectangle rule at the ray's phase with the Euler-Maclaurin end correction (``phase = 1/2``
+    is the midpoint rule). A phase that varies from ray to ray decorrelates the sampling errors of
+    neighbouring pixels.
 
     Args:
         density: (I, J, K) float32/float16/bfloat16/float64 volume on CUDA (or CPU under
@@ -189,6 +205,9 @@ def raymarch(
             contiguous: a non-contiguous volume is copied, with a warning (once).
         source: (B, 1, 3) or (B, N, 3) ray starts in index coordinates, float32 or float64.
         target: (B, N, 3) ray ends in index coordinates, the same dtype as ``source``.
+        phase: (N,) floating tensor on the rays' device, each ray's sampling phase in [0, 1)
+            (shared by all poses; values are not checked, that would sync). Converted to the
+            rays' dtype and made contiguous. Not differentiable.
         lo, hi: 3 floats each (or CPU tensors), the index-space box outside which the field is
             zero (passed to the kernels as float32: exact for integer and half-integer boxes).
         n_samples: samples per ray (a positive int).
@@ -197,7 +216,7 @@ def raymarch(
 
     Returns:
         (B, 1, N) in the rays' dtype, differentiable with respect to ``density``, ``source``
-        and ``target``. Samples and accumulation are in the rays' dtype.
+        and ``target`` (not ``phase``). Samples and accumulation are in the rays' dtype.
     """
     global _warned_noncontiguous
     if not isinstance(density, torch.Tensor):
@@ -226,6 +245,16 @@ def raymarch(
             f"source must be (B, 1, 3) or (B, N, 3) with target (B, N, 3), got source "
             f"{tuple(source.shape)} and target {tuple(target.shape)}"
         )
+    if not isinstance(phase, torch.Tensor):
+        raise TypeError(f"phase must be a torch.Tensor, got {type(phase).__name__}")
+    if phase.dim() != 1 or phase.shape[0] != target.shape[1]:
+        raise ValueError(
+            f"phase must be (N,) = ({target.shape[1]},) for target (B, N, 3), got shape {tuple(phase.shape)}"
+        )
+    if not phase.is_floating_point():
+        raise TypeError(f"phase must be a floating tensor, got {phase.dtype}")
+    if phase.device != target.device:
+        raise ValueError(f"phase is on {phase.device} but the rays are on {target.device}")
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     if not isinstance(deterministic, bool):
@@ -241,4 +270,5 @@ def raymarch(
             _warned_noncontiguous = True
         density = density.contiguous()
     # Rays are O(B N): making them contiguous is cheap.
-    return _raymarch_op(density, source.contiguous(), target.contiguous(), lo_f, hi_f, n_samples, deterministic)
+    phase = phase.detach().to(target.dtype).contiguous()
+    return _raymarch_op(density, source.contiguous(), target.contiguous(), phase, lo_f, hi_f, n_samples, deterministic)
