@@ -1,0 +1,27 @@
+"""The wheel ships the kernels as ``tritondrr.kernels`` (kernels/ mapped by package-dir)."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not (ROOT / "pyproject.toml").exists(), reason="not a source checkout")
+def test_wheel_contains_the_kernels_and_the_command(tmp_path):
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = tmp_path.glob("tritondrr-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in ("__init__", "drr", "render", "reference", "ops", "kernels/__init__", "kernels/raymarch"):
+        assert f"tritondrr/{module}.py" in names
+    assert not any(name.startswith(("tests/", "bench/", "kernels/")) for name in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "tritondrr = tritondrr.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
