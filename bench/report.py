@@ -276,6 +276,10 @@ def readme_section(results, readme_dir) -> str:
         for mode in ("forward", "backward_pose"):
             if any(r["mode"] == mode for r in rows):
                 out += [f"Median time, {MODE_TITLES[mode]}:", "", grid(rows, mode, lambda r: fmt_time(r["median_s"])), ""]
+        if os.path.exists(base + "-gradients.md"):  # written by bench/gradients.py
+            with open(base + "-gradients.md") as f:
+                body = f.read().split("\n", 2)[2]  # drop the file's own title
+            out += ["Pose-gradient accuracy (`bench/gradients.py`):", "", body.strip(), ""]
         out += [f"All modes, memory, throughput, accuracy and skipped cases: [{rel}.md]({rel}.md).", ""]
         if os.path.exists(base + ".png"):
             out += [f"![time and memory against detector size]({rel}.png)", ""]
