@@ -138,6 +138,7 @@ class DRR(nn.Module):
         self._box = occupied_box(density)
         self._box_version = density._version
         self._n_samples = n_samples
+        self._affine_host = affine.detach().to("cpu", torch.float64)
         self.n_subsample = None
         self.register_buffer("subsamples", None, persistent=False)
         if p_subsample is not None:
@@ -181,7 +182,8 @@ class DRR(nn.Module):
         if self._n_samples is not None:
             return self._n_samples
         lo, hi = self._current_box()
-        return samples_per_ray(self.affine, lo, hi, self.step)
+        # From a host copy of the affine, so a CUDA render never waits on a device-to-host copy.
+        return samples_per_ray(self._affine_host, lo, hi, self.step)
 
     def _current_box(self):
         if self.density.requires_grad:

@@ -33,10 +33,14 @@ def _check_tensor(name, x, dims, last=None, floating=True):
 
 
 def _world_to_index(affine: torch.Tensor, dtype) -> torch.Tensor:
-    """(4, 4) inverse affine, inverted in float64 where the device allows it."""
+    """(4, 4) inverse affine, inverted in float64 where the device allows it.
+
+    ``inv_ex`` does not check for singularity, which would synchronise with a CUDA device; the
+    affine is checked where it is created (``Subject``).
+    """
     if affine.device.type == "mps":
-        return torch.linalg.inv(affine.float()).to(dtype)
-    return torch.linalg.inv(affine.double()).to(dtype)
+        return torch.linalg.inv_ex(affine.float()).inverse.to(dtype)
+    return torch.linalg.inv_ex(affine.double()).inverse.to(dtype)
 
 
 def samples_per_ray(affine: torch.Tensor, lo, hi, step: float | None = None) -> int:
