@@ -205,21 +205,21 @@ def test_bad_forward_arguments():
         drr(RigidTransform(torch.eye(4)), mask_to_channels=True)
 
 
-def test_triton_backend_matches_the_reference_through_drr():
-    """Image, pose gradients and volume gradient of DRR(backend="triton") (interpreter) vs "torch"."""
+def test_triton_backend_matches_the_reference_through_drr(device):
+    """Image, pose gradients and volume gradient of DRR(backend="triton") (interpreter or CUDA) vs "torch"."""
     subject = small_subject(shape=(13, 11, 9), spacing=(28.0, 33.0, 38.0))
     rot = torch.tensor([[0.1, -0.2, 0.3], [0.0, 0.0, 0.0]])
     xyz = torch.tensor([[5.0, 820.0, -10.0], [0.0, 850.0, 0.0]])
     results = {}
     for backend in ("torch", "triton"):
-        drr = DRR(subject, sdd=1020.0, height=9, width=7, delx=45.0, backend=backend, n_samples=40)
+        drr = DRR(subject, sdd=1020.0, height=9, width=7, delx=45.0, backend=backend, n_samples=40).to(device)
         drr.density.requires_grad_()
-        r = rot.clone().requires_grad_()
-        t = xyz.clone().requires_grad_()
+        r = rot.to(device).requires_grad_()
+        t = xyz.to(device).requires_grad_()
         img = drr(r, t, parameterization="euler_angles", convention="ZXY")
-        weights = torch.linspace(0.5, 1.5, img.numel()).reshape(img.shape)
+        weights = torch.linspace(0.5, 1.5, img.numel(), device=device).reshape(img.shape)
         grads = torch.autograd.grad((img * weights).sum(), (r, t, drr.density))
-        results[backend] = (img.detach(), *grads)
+        results[backend] = tuple(x.detach().cpu() for x in (img, *grads))
     for ref, out in zip(results["torch"], results["triton"]):
         scale = float(ref.abs().max())
         assert float((out - ref).abs().max()) <= 1e-4 * scale
@@ -239,3 +239,36 @@ def test_compiled_drr_matches_eager_on_the_triton_backend():
     eager = torch.autograd.grad(loss(rot, xyz), rot)[0]
     compiled = torch.autograd.grad(torch.compile(loss)(rot, xyz), rot)[0]
     torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=0)
+
+
+def test_tile_order_is_a_permutation_of_compact_tiles():
+    from tritondrr import Detector
+
+    det = Detector(1020.0, 37, 21, 2.0, 2.0)
+    order = det.tile_order(tile=16)
+    assert torch.equal(order.sort().values, torch.arange(37 * 21))
+    rows, cols = order[:256] // 21, order[:256] % 21
+    assert int(rows.max()) == 15 and int(cols.max()) == 15  # the first 256 rays are the first 16x16 tile
+
+
+def test_image_does_not_depend_on_the_marching_order():
+    from tritondrr import render
+
+    drr = seed_drr(height=40, width=33, delx=10.0)
+    kwargs = dict(parameterization="euler_angles", convention="ZXY")
+    img = drr(SEED_ROT, SEED_XYZ, **kwargs)
+    source, target = drr.source_target(SEED_ROT, SEED_XYZ, **kwargs)
+    row_major = render(drr.density, drr.affine, source, target, n_samples=drr.n_samples, box=drr._current_box())
+    assert torch.equal(img.reshape(1, 1, -1), row_major)
+
+
+def test_huge_page_copy_keeps_values_and_skips_small_or_grad_tensors():
+    from tritondrr.memory import MIN_BYTES, huge_page_copy
+
+    big = torch.rand(MIN_BYTES // 4 + 5)
+    copy = huge_page_copy(big)
+    assert torch.equal(copy, big) and (copy.data_ptr() != big.data_ptr() or copy is big)
+    small = torch.rand(10)
+    assert huge_page_copy(small) is small
+    needs_grad = torch.rand(MIN_BYTES // 4 + 5, requires_grad=True)
+    assert huge_page_copy(needs_grad) is needs_grad

@@ -50,3 +50,21 @@ def test_compiled_float32_inference_matches_grid_sample(compiled):
         plain = compiled("0", density, affine, source, target)
         fused = compiled("1", density, affine, source, target)
     torch.testing.assert_close(fused, plain, rtol=0, atol=2e-6 * float(plain.abs().max()))
+
+
+def test_compiled_pose_gradients_reuse_the_forward_and_survive_retain_graph(compiled):
+    """Pose-only gradients come from sums kept by the forward; a second backward recomputes them."""
+    affine, source, target = rays(torch.float64)
+    density = torch.rand(17, 23, 31, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    weights = torch.randn(2, 1, 37, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    results = {}
+    for flag in ("0", "1"):
+        s, t = source.clone().requires_grad_(), target.clone().requires_grad_()
+        out = compiled(flag, density, affine, s, t, n_samples=45)
+        first = torch.autograd.grad((out * weights).sum(), (s, t), retain_graph=True)
+        second = torch.autograd.grad((out * weights).sum(), (s, t))
+        for a, b in zip(first, second):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+        results[flag] = first
+    for a, b in zip(results["0"], results["1"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(a.abs().max()))

@@ -36,6 +36,20 @@ INNER_BOX = ([1.5, 2.0, 3.25], [14.0, 19.5, 27.0])  # cuts through non-zero dens
 
 PHASES = ["half", "random"]
 
+#: Where ``_run`` executes both sides: the CPU under the interpreter, or the GPU with
+#: ``TRITON_INTERPRET=0 python -m pytest tests/test_triton.py --device cuda``.
+DEVICE = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _device(device):
+    global DEVICE
+    if device.type == "cuda" and ops._interpreting():
+        pytest.skip("--device cuda needs TRITON_INTERPRET=0 (the kernels are interpreted otherwise)")
+    DEVICE = device
+    yield
+    DEVICE = torch.device("cpu")
+
 
 def _phase(n, kind="random", dtype=torch.float64, seed=0):
     """(N,) sampling phases: all 1/2, or uniform in [0, 1) with 0, 1e-7 and 1 - 1e-7 in front."""
@@ -81,10 +95,10 @@ def _geometry(batch=2, dtype=torch.float64, *, seed=0, shape=SHAPE, det=DET, spa
 
 def _run(fn, density, source, target, phase, lo, hi, n_samples, grad_out, **kwargs):
     """Output and gradients (density, source, target) of ``fn`` for the upstream gradient ``grad_out``."""
-    leaves = [x.detach().clone().requires_grad_() for x in (density, source, target)]
-    out = fn(*leaves, phase, lo, hi, n_samples, **kwargs)
-    grads = torch.autograd.grad(out, leaves, grad_out)
-    return out.detach(), grads
+    leaves = [x.detach().to(DEVICE).clone().requires_grad_() for x in (density, source, target)]
+    out = fn(*leaves, phase.to(DEVICE), lo, hi, n_samples, **kwargs)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(DEVICE))
+    return out.detach().cpu(), tuple(g.cpu() for g in grads)
 
 
 def _compare(density, source, target, lo, hi, n_samples=N_SAMPLES, tol=None, seed=1, phase="random", **kwargs):

