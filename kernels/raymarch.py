@@ -163,6 +163,31 @@ def _load8(vol_ptr, off, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT: 
 
 
 @triton.jit
+def _sample_cells(
+    start, phase, t0s, length, n_samples, live, sx, sy, sz, dx, dy, dz,
+    size_i, size_j, size_k, stride_i, stride_j, BLOCK_S: tl.constexpr, INT64: tl.constexpr, CDT: tl.constexpr,
+):
+    """Samples ``start .. start + BLOCK_S`` of each ray: u [R, S] and the cells of their points."""
+    k = start + tl.arange(0, BLOCK_S)  # [BLOCK_S]
+    u = (k.to(CDT)[None, :] + phase[:, None]) / n_samples  # [BLOCK_R, BLOCK_S]
+    t = t0s[:, None] + length[:, None] * u  # [BLOCK_R, BLOCK_S]
+    m = live[:, None] & (k < n_samples)[None, :]
+    cells = _corners(
+        sx[:, None] + t * dx[:, None],
+        sy[:, None] + t * dy[:, None],
+        sz[:, None] + t * dz[:, None],
+        m,
+        size_i,
+        size_j,
+        size_k,
+        stride_i,
+        stride_j,
+        INT64,
+    )
+    return (u,) + cells
+
+
+@triton.jit
 def _value(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT: tl.constexpr):
     """Trilinear value f at the points of a block. [R, S]"""
     v000, v001, v010, v011, v100, v101, v110, v111 = _load8(
@@ -291,22 +316,10 @@ def _raymarch_fwd_kernel(
 
     acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
     for start in range(0, n_samples, BLOCK_S):
-        k = start + tl.arange(0, BLOCK_S)  # [BLOCK_S]
-        u = (k.to(CDT)[None, :] + phase[:, None]) / n_samples  # [BLOCK_R, BLOCK_S]
-        t = t0s[:, None] + length[:, None] * u  # [BLOCK_R, BLOCK_S]
-        m = hit[:, None] & (k < n_samples)[None, :]
-        off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = _corners(
-            sx[:, None] + t * dx[:, None],
-            sy[:, None] + t * dy[:, None],
-            sz[:, None] + t * dz[:, None],
-            m,
-            size_i,
-            size_j,
-            size_k,
-            stride_i,
-            stride_j,
-            INT64,
-        )
+        u, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = _sample_cells(
+            start, phase, t0s, length, n_samples, hit, sx, sy, sz, dx, dy, dz,
+            size_i, size_j, size_k, stride_i, stride_j, BLOCK_S, INT64, CDT,
+        )  # fmt: skip
         acc += _value(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT)
         # Labelmap hook: a per-sample channel index would select one of N_CHANNELS accumulators here.
 
@@ -457,22 +470,10 @@ def _raymarch_bwd_kernel(
     else:
         fixed = 1.0  # unused
     for start in range(0, n_samples, BLOCK_S):
-        k = start + tl.arange(0, BLOCK_S)  # [BLOCK_S]
-        u = (k.to(CDT)[None, :] + phase[:, None]) / n_samples  # [BLOCK_R, BLOCK_S]
-        t = t0s[:, None] + length[:, None] * u  # [BLOCK_R, BLOCK_S]
-        m = live[:, None] & (k < n_samples)[None, :]
-        off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = _corners(
-            sx[:, None] + t * dx[:, None],
-            sy[:, None] + t * dy[:, None],
-            sz[:, None] + t * dz[:, None],
-            m,
-            size_i,
-            size_j,
-            size_k,
-            stride_i,
-            stride_j,
-            INT64,
-        )
+        u, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = _sample_cells(
+            start, phase, t0s, length, n_samples, live, sx, sy, sz, dx, dy, dz,
+            size_i, size_j, size_k, stride_i, stride_j, BLOCK_S, INT64, CDT,
+        )  # fmt: skip
         if NEED_POSE_GRAD:
             f, gx, gy, gz = _value_grad(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT)
             acc_f += f
