@@ -237,22 +237,34 @@ class DRR(nn.Module):
         """
         if kwargs:
             raise TypeError(f"unexpected keyword arguments: {sorted(kwargs)}")
-        if mask_to_channels and self.mask is None:
-            raise ValueError("mask_to_channels=True needs a subject with a labelmap")
         source, target = self.source_target(
             *args, parameterization=parameterization, convention=convention, degrees=degrees, calibration=calibration
         )
-        if self.n_subsample is not None:
-            if self.redraw_subsample:
-                self.subsamples = self._draw_subsample()
-            pixels = self.subsamples
-        else:
-            pixels = self._order
+        if self.n_subsample is not None and self.redraw_subsample:
+            self.subsamples = self._draw_subsample()
+        return self.render(self.density, source, target, mask_to_channels=mask_to_channels)
+
+    def render(
+        self, density: torch.Tensor, source: torch.Tensor, target: torch.Tensor, mask_to_channels: bool = False
+    ) -> torch.Tensor:
+        """Render given world rays: ``source`` (B, 1, 3) and the whole detector's ``target`` (B, H*W, 3), mm.
+
+        Applies this module's pixel subset (``p_subsample``), marching order, ``patch_size`` and
+        ``reshape``, exactly as ``forward`` does after it has made the rays, so
+        ``drr.render(drr.density, *drr.source_target(pose))`` equals ``drr(pose)``. ``density``
+        may be another volume of the same shape (e.g. one being reconstructed).
+        """
+        if mask_to_channels and self.mask is None:
+            raise ValueError("mask_to_channels=True needs a subject with a labelmap")
+        pixels = self.subsamples if self.n_subsample is not None else self._order
         target = target[:, pixels]  # pixel ids seed the sampling phases: the order changes nothing
-        lo, hi = self._current_box()
+        # Another volume (one being reconstructed, say) is sampled over its whole support, with
+        # the module's sample count.
+        lo, hi = self._current_box() if density is self.density else support_box(density.shape)
+        n_samples = self.n_samples
         options = dict(
             mask=self.mask if mask_to_channels else None,
-            n_samples=self.n_samples,
+            n_samples=n_samples,
             box=(lo, hi),
             backend=self.backend,
             deterministic=self.deterministic,
@@ -260,7 +272,7 @@ class DRR(nn.Module):
         rays = target.shape[1] if self.patch_size is None else self.patch_size**2
         img = torch.cat(
             [
-                render(self.density, self.affine, source, target[:, n : n + rays], ray_ids=pixels[n : n + rays], **options)
+                render(density, self.affine, source, target[:, n : n + rays], ray_ids=pixels[n : n + rays], **options)
                 for n in range(0, target.shape[1], rays)
             ],
             dim=-1,
