@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from tritondrr.kernels.raymarch import _raymarch_bwd_kernel, _raymarch_fwd_kernel  # noqa: E402
+from tritondrr.kernels.trilinear import _raymarch_bwd_kernel, _raymarch_fwd_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 

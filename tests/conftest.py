@@ -4,7 +4,7 @@ import os
 
 # Must be set before any module defining @triton.jit kernels is imported (TRITON.md).
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# The compiled CPU path is tested against the grid_sample path in test_reference_compiled.py only.
+# The compiled CPU path is tested against the grid_sample path in tests/renderers/trilinear/test_trilinear_cpu.py only.
 os.environ.setdefault("TRITONDRR_COMPILE", "0")
 
 import pytest  # noqa: E402

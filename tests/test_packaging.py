@@ -20,7 +20,7 @@ def test_wheel_contains_the_kernels_and_the_command(tmp_path):
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = tmp_path.glob("tritondrr-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ("__init__", "drr", "render", "reference", "ops", "kernels/__init__", "kernels/raymarch"):
+    for module in ("__init__", "drr", "render", "volume", "renderers/__init__", "renderers/trilinear/naive", "renderers/trilinear/op", "kernels/__init__", "kernels/_common", "kernels/trilinear"):
         assert f"tritondrr/{module}.py" in names
     assert not any(name.startswith(("tests/", "bench/", "kernels/")) for name in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tests.oracles import exact_line_integrals
-from tritondrr import reference
+from tritondrr.renderers.trilinear import naive as reference
+from tritondrr.volume import occupied_box, support_box
 from tritondrr.render import ray_phases, render, samples_per_ray
 
 
@@ -136,7 +137,7 @@ def test_volume_gradient_is_the_adjoint():
     # A^T y at one voxel is <A e, y> for that voxel's basis vector e (same box: the whole support).
     e = torch.zeros(shape, dtype=torch.float64)
     e[4, 3, 4] = 1.0
-    ae = render(e, affine, source, target, n_samples=33, box=reference.support_box(shape))
+    ae = render(e, affine, source, target, n_samples=33, box=support_box(shape))
     assert float((ae * y).sum()) == pytest.approx(float(aty[4, 3, 4]), abs=1e-12)
 
 
@@ -144,7 +145,7 @@ def test_chunking_does_not_change_the_result_or_gradients():
     v, affine = volume((10, 11, 12)).requires_grad_(), oblique_affine()
     source, target = fan_of_rays(50, world_center(affine, v.shape), distance=40.0, spread=6.0)
     target.requires_grad_()
-    lo, hi = reference.support_box(v.shape)
+    lo, hi = support_box(v.shape)
     inv = torch.linalg.inv(affine)
     s, t = source @ inv[:3, :3].T + inv[:3, 3], target @ inv[:3, :3].T + inv[:3, 3]
     phase = torch.rand(50, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -170,14 +171,14 @@ def test_each_pose_is_independent_of_the_batch():
 def test_occupied_box_renders_the_same_integral():
     v = torch.zeros(20, 20, 20, dtype=torch.float64)
     v[6:12, 8:15, 5:9] = volume((6, 7, 4))
-    lo, hi = reference.occupied_box(v)
+    lo, hi = occupied_box(v)
     assert lo == [5.0, 7.0, 4.0] and hi == [12.0, 15.0, 9.0]
     affine = torch.eye(4, dtype=torch.float64)
     source, target = fan_of_rays(60, [9.0, 11.0, 6.5], distance=30.0, spread=3.0)
     exact = exact_line_integrals(v, affine, source[0], target[0])
     tight = render(v, affine, source, target, n_samples=2000)[0, 0]
     torch.testing.assert_close(tight, exact, rtol=0, atol=2e-6 * float(exact.max()))
-    assert reference.occupied_box(torch.zeros(3, 3, 3))[0] == [0.0, 0.0, 0.0]
+    assert occupied_box(torch.zeros(3, 3, 3))[0] == [0.0, 0.0, 0.0]
 
 
 def test_float32_matches_float64():
@@ -217,7 +218,7 @@ def test_mask_channels_sum_to_the_image_and_follow_the_labels():
 
 def test_samples_per_ray_depends_on_the_volume_not_the_rays():
     affine = torch.diag(torch.tensor([0.5, 0.5, 2.0, 1.0], dtype=torch.float64))
-    lo, hi = reference.support_box((100, 100, 40))
+    lo, hi = support_box((100, 100, 40))
     diagonal = math.sqrt((101 * 0.5) ** 2 * 2 + (41 * 2.0) ** 2)
     assert samples_per_ray(affine, lo, hi) == math.ceil(diagonal / 0.5)
     assert samples_per_ray(affine, lo, hi, step=2.0) == math.ceil(diagonal / 2.0)
@@ -262,7 +263,7 @@ def test_end_correction_makes_any_phase_exact_on_linear_fields():
     target = torch.rand(1, 40, 3, generator=g, dtype=torch.float64) * 7.5
     phase = torch.rand(40, generator=g, dtype=torch.float64)
     phase[:2] = torch.tensor([0.0, 1.0 - 1e-12], dtype=torch.float64)
-    lo, hi = reference.support_box(v.shape)
+    lo, hi = support_box(v.shape)
     out = reference.raymarch(v, source, target, phase, lo, hi, 5)[0, 0]
     mid = (source + target)[0] / 2  # the mean of a linear function over a segment is its midpoint value
     exact = 0.3 * mid[:, 0] - 0.2 * mid[:, 1] + 0.1 * mid[:, 2] + 5.0
@@ -271,8 +272,10 @@ def test_end_correction_makes_any_phase_exact_on_linear_fields():
 
 
 def test_ray_phases_are_spread_and_reproducible():
-    phases = ray_phases(torch.arange(40000))
-    assert float(phases.min()) >= 0.0 and float(phases.max()) <= 1.0
+    phases = ray_phases(torch.arange(40000), torch.float64)
+    # Knuth's multiplicative hash written out in Python integers, an independent computation.
+    for n in (0, 1, 77, 39999):
+        assert float(phases[n]) == ((n + 1) * 2654435761 % 2**32) / 2**32
     # Neighbouring pixels get unrelated phases: every tenth of [0, 1] is hit about equally often.
     counts = torch.histc(phases, bins=10, min=0.0, max=1.0)
     assert float(counts.min()) > 3800 and float(counts.max()) < 4200

@@ -7,7 +7,6 @@ Uses only core dependencies (no matplotlib).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -89,13 +88,16 @@ def _positive(parser, name: str, value) -> None:
 
 
 def _render(args, parser) -> int:
-    os.environ["TRITONDRR_COMPILE"] = "1" if args.compile else "0"
     import torch
+
+    from ._config import set_compile
 
     from .data import read
     from .drr import DRR
     from .phantom import load_example_ct
     from .plot import save_png
+
+    set_compile(args.compile)
 
     for name in ("sdd", "height", "width", "delx"):
         _positive(parser, name, getattr(args, name))

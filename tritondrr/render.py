@@ -1,25 +1,20 @@
 """``render``: line integrals of a CT volume along rays, with input checks and backend dispatch.
 
 This is the functional core below ``DRR``: it knows volumes, affines and rays in world mm, and
-nothing about poses or detectors. It converts rays to index space, chooses the number of samples
-per ray from the sampling distance, and calls the reference (PyTorch) or the Triton backend,
-which compute the same function (``tritondrr.reference``).
+nothing about poses or detectors. It validates its arguments once, converts rays to index
+space, and calls one row of ``tritondrr.renderers.RENDERERS`` (docs/architecture.md).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from . import reference
+from . import _config
+from .renderers import BACKENDS, RENDERER_NAMES, RENDERERS, Sampling
+from .renderers._sampling import ray_phases, samples_per_ray
+from .volume import Volume, world_to_index
 
-__all__ = ["render", "ray_phases", "samples_per_ray", "DEFAULT_STEP_VOXELS", "BACKENDS"]
-
-BACKENDS = ("auto", "triton", "torch")
-
-#: Default sampling distance, in units of the smallest voxel spacing, along the longest chord.
-DEFAULT_STEP_VOXELS = 1.0
+__all__ = ["render", "ray_phases", "samples_per_ray", "BACKENDS", "RENDERER_NAMES"]
 
 
 def _check_tensor(name, x, dims, last=None, floating=True):
@@ -32,64 +27,23 @@ def _check_tensor(name, x, dims, last=None, floating=True):
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
-def _world_to_index(affine: torch.Tensor, dtype) -> torch.Tensor:
-    """(4, 4) inverse affine, inverted in float64 where the device allows it.
-
-    ``inv_ex`` does not check for singularity, which would synchronise with a CUDA device; the
-    affine is checked where it is created (``Subject``).
-    """
-    if affine.device.type == "mps":
-        return torch.linalg.inv_ex(affine.float()).inverse.to(dtype)
-    return torch.linalg.inv_ex(affine.double()).inverse.to(dtype)
-
-
-def samples_per_ray(affine: torch.Tensor, lo, hi, step: float | None = None) -> int:
-    """Samples per ray so that the longest chord through the box ``[lo, hi]`` has spacing ``step``.
-
-    The count depends on the volume only, never on the pose, so every ray of every pose gets the
-    same number of samples and images are smooth functions of the pose. Shorter chords are
-    sampled more densely. ``step`` is in mm; None means ``DEFAULT_STEP_VOXELS`` times the smallest
-    voxel spacing.
-    """
-    linear = affine[:3, :3].double().cpu()
-    if step is None:
-        step = DEFAULT_STEP_VOXELS * float(linear.norm(dim=0).min())
-    extent = torch.tensor(hi, dtype=torch.float64) - torch.tensor(lo, dtype=torch.float64)
-    if (extent <= 0).any():
-        return 1
-    # The longest chord of a parallelepiped is one of its four space diagonals.
-    signs = torch.tensor([[1.0, 1, 1], [1, 1, -1], [1, -1, 1], [-1, 1, 1]], dtype=torch.float64)
-    chord = float(((signs * extent) @ linear.T).norm(dim=-1).max())
-    return max(1, math.ceil(chord / step))
-
-
-def ray_phases(ray_ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Sampling phase in [0, 1] of each ray from its id (a pixel index): Knuth's multiplicative hash.
-
-    A fixed function of the ray's identity, so images stay smooth in the pose, and scattered
-    enough that the sampling errors of neighbouring pixels do not line up (module docstring of
-    ``tritondrr.reference``). Integer arithmetic, then one rounding: the same on every device.
-    """
-    # id + 1: pixel 0 would otherwise get phase 0 exactly, a sample on its entry point.
-    return (((ray_ids.long() + 1) * 2654435761) % (1 << 32)).to(dtype) / float(1 << 32)
-
-
 def _resolve_backend(backend: str, density: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if density.is_cuda else "torch"
-    if backend == "triton" and not (density.is_cuda or _interpreting()):
+    if backend == "triton" and not (density.is_cuda or _config.interpreting()):
         raise ValueError(
             f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for testing), got density on {density.device}"
         )
     return backend
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def check_renderer(renderer) -> str:
+    """``renderer`` if it names a renderer, else a ValueError listing the choices."""
+    if renderer not in RENDERER_NAMES:
+        raise ValueError(f"renderer must be one of {RENDERER_NAMES}, got {renderer!r}")
+    return renderer
 
 
 def render(
@@ -99,6 +53,9 @@ def render(
     target: torch.Tensor,
     *,
     mask: torch.Tensor | None = None,
+    renderer: str = "trilinear",
+    soft_labels: bool = False,
+    n_channels: int | None = None,
     step: float | None = None,
     n_samples: int | None = None,
     box=None,
@@ -106,7 +63,8 @@ def render(
     backend: str = "auto",
     deterministic: bool = False,
 ) -> torch.Tensor:
-    """Line integrals (density x mm) of the trilinear interpolant of ``density`` along rays.
+    """Line integrals (density x mm) of ``density`` along rays: the trilinear interpolant
+    (sampled, or exactly) or Siddon's nearest-neighbour voxels.
 
     Args:
         density: (I, J, K) float tensor (fp32, fp64, fp16 or bf16). Voxel (i, j, k) has its centre
@@ -115,10 +73,17 @@ def render(
         source: (B, 1, 3) or (B, N, 3) ray starts in world mm.
         target: (B, N, 3) ray ends in world mm (the detector pixels).
         mask: optional (I, J, K) integer labelmap. The output gets one channel per label
-            (C = max label + 1); each sample goes to the channel of its nearest voxel's label.
-        step: sampling distance in mm along the longest chord through the volume (shorter
-            chords are sampled more densely); None: one voxel (the smallest spacing).
-        n_samples: samples per ray, instead of ``step``.
+            (C = max label + 1); each point of a ray goes to the channel of its nearest voxel's
+            label (round half to even), or with ``soft_labels`` each trilinear corner weight to
+            its own voxel's label. Channels sum to the plain image.
+        renderer: "trilinear" (sampled trilinear interpolant, docs/sampling.md), "siddon"
+            (exact integral of the nearest-neighbour field) or "exact" (exact integral of the
+            trilinear interpolant).
+        soft_labels: see ``mask``.
+        n_channels: channel count with ``mask`` (None: max label + 1, read from the mask).
+        step: trilinear: sampling distance in mm along the longest chord through the volume
+            (shorter chords are sampled more densely); None: one voxel (the smallest spacing).
+        n_samples: trilinear: samples per ray, instead of ``step``.
         box: optional ``(lo, hi)`` index-space box outside which ``density`` is zero. None: the
             bounding box of the non-zero voxels (one pass over the volume) when the volume needs
             no gradient, else the whole support.
@@ -161,12 +126,15 @@ def render(
         raise ValueError(f"step must be a positive number of mm, got {step!r}")
     if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1):
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
-    n_channels = 1
-    if mask is not None:
+    check_renderer(renderer)
+    if mask is None:
+        n_channels = 1
+    else:
         _check_tensor("mask", mask, 3, floating=False)
         if mask.shape != density.shape:
             raise ValueError(f"mask must have density's shape {tuple(density.shape)}, got {tuple(mask.shape)}")
-        n_channels = int(mask.max()) + 1
+        n_channels = int(mask.max()) + 1 if n_channels is None else n_channels
+        mask = mask if mask.dtype == torch.int64 else mask.long()
     if ray_ids is None:
         ray_ids = torch.arange(target.shape[1], device=target.device)
     elif not isinstance(ray_ids, torch.Tensor) or ray_ids.shape != (target.shape[1],) or ray_ids.is_floating_point():
@@ -175,23 +143,19 @@ def render(
     backend = _resolve_backend(backend, density)
 
     if box is None:
-        needs_all = density.requires_grad and torch.is_grad_enabled()
-        box = reference.support_box(density.shape) if needs_all else reference.occupied_box(density)
-    lo, hi = box
-    if n_samples is None:
-        n_samples = samples_per_ray(affine, lo, hi, step)
+        box = Volume(density, affine).box()
+    sampling = None
+    if renderer == "trilinear":
+        lo, hi = box
+        if n_samples is None:
+            n_samples = samples_per_ray(affine, lo, hi, step)
+        sampling = Sampling(ray_phases(ray_ids.to(target.device), target.dtype), n_samples, deterministic)
 
-    phase = ray_phases(ray_ids.to(target.device), target.dtype)
-    inverse = _world_to_index(affine, target.dtype)
+    inverse = world_to_index(affine, target.dtype)
     src = source @ inverse[:3, :3].T + inverse[:3, 3]
     tgt = target @ inverse[:3, :3].T + inverse[:3, 3]
-    if backend == "triton":
-        from . import ops
-
-        if mask is not None:
-            raise NotImplementedError("mask (labelmap channels) is not yet supported by backend='triton'; use 'torch'")
-        integral = ops.raymarch(density, src, tgt, phase, lo, hi, n_samples, deterministic=deterministic)
-    else:
-        integral = reference.raymarch(density, src, tgt, phase, lo, hi, n_samples, labels=mask, n_channels=n_channels)
+    integral = RENDERERS[(renderer, backend)](
+        density, src, tgt, box=box, labels=mask, n_channels=n_channels, soft_labels=soft_labels, sampling=sampling
+    )
     length_mm = (target - source).norm(dim=-1)  # [B, N]
     return integral * length_mm[:, None, :]

@@ -1,8 +1,8 @@
-"""The Triton backend as ``torch.library`` custom ops with autograd: ``raymarch``.
+"""The trilinear renderer's Triton backend as ``torch.library`` custom ops with autograd: ``raymarch``.
 
 ``raymarch(density, source, target, phase, lo, hi, n_samples, *, deterministic=False)``
-computes exactly ``tritondrr.reference.raymarch`` (no labels) with the kernels of
-``tritondrr.kernels.raymarch``: per ray, the rectangle rule with the ray's sampling ``phase``
+computes exactly ``naive.raymarch`` (no labels) with the kernels of
+``tritondrr.kernels.trilinear``: per ray, the rectangle rule with the ray's sampling ``phase``
 plus the Euler-Maclaurin end correction (the kernels' module docstring). Two ops are registered:
 
 - ``tritondrr::raymarch`` (forward), differentiable with respect to ``density``, ``source``
@@ -22,13 +22,14 @@ for ``backend="triton"``.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 
 import torch
 
-from tritondrr.kernels import raymarch as _kernels
+from tritondrr.kernels import trilinear as _kernels
+
+from ..._config import interpreting
 
 __all__ = ["raymarch"]
 
@@ -37,13 +38,9 @@ _RAY_DTYPES = (torch.float32, torch.float64)
 _warned_noncontiguous = False
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _define(name: str, fn, fake):
     """``triton_op`` where it can trace the launches (GPU, torch >= 2.6), else ``custom_op`` + fake."""
-    if hasattr(torch.library, "triton_op") and not _interpreting():
+    if hasattr(torch.library, "triton_op") and not interpreting():
         # triton_op registers ``fn`` itself (traced with fake tensors) as the fake implementation.
         return torch.library.triton_op(name, fn, mutates_args=())
     op = torch.library.custom_op(name, fn, mutates_args=())
@@ -188,16 +185,7 @@ def raymarch(
     *,
     deterministic: bool = False,
 ) -> torch.Tensor:
-    """Integral of the density along rays (``tritondrr.reference.raymarch``), in Triton.
-
-    Per ray, with the clipped parameter interval ``[t0, t0 + L]``, ``u_k = (k + phase) / S`` and
-    ``c = phase - 1/2``::
-
-        g = L / S * (sum_k f(s + (t0 + u_k L) d) - c (f(s + (t0 + L) d) - f(s + t0 d)))
-
-    the rectangle rule at the ray's phase with the Euler-Maclaurin end correction (``phase = 1/2``
-    is the midpoint rule). A phase that varies from ray to ray decorrelates the sampling errors of
-    neighbouring pixels.
+    """Integral of the density along rays (``naive.raymarch``), in Triton: ``g`` of docs/sampling.md.
 
     Args:
         density: (I, J, K) float32/float16/bfloat16/float64 volume on CUDA (or CPU under
@@ -225,7 +213,7 @@ def raymarch(
         raise ValueError(f"density must be (I, J, K), got shape {tuple(density.shape)}")
     if density.dtype not in _VOLUME_DTYPES:
         raise TypeError(f"density must be float32, float16, bfloat16 or float64, got {density.dtype}")
-    if not (density.is_cuda or (_interpreting() and density.device.type == "cpu")):
+    if not (density.is_cuda or (interpreting() and density.device.type == "cpu")):
         raise ValueError(
             f"density must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), got {density.device}"
         )

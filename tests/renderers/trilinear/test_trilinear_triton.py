@@ -1,6 +1,6 @@
-"""The Triton backend (``tritondrr.ops.raymarch``, run by the interpreter on CPU) against the reference.
+"""The Triton backend (``tritondrr.renderers.trilinear.op.raymarch``, run by the interpreter on CPU) against the reference.
 
-Every test compares the op with ``tritondrr.reference.raymarch`` -- output and every gradient --
+Every test compares the op with ``tritondrr.renderers.trilinear.naive.raymarch`` -- output and every gradient --
 or checks an identity the op must satisfy (adjoint, determinism, every pixel written). Errors are
 relative to the largest value of the quantity compared. Shapes are deliberately odd: 17x23x31
 volumes, 13x9 detectors (N = 117 rays), 48 or 37 samples.
@@ -19,8 +19,10 @@ import warnings
 import pytest
 import torch
 
-from tritondrr import ops, reference
-from tritondrr.kernels import raymarch as kernels
+from tritondrr import volume
+from tritondrr.kernels import trilinear as kernels
+from tritondrr.renderers.trilinear import naive as reference
+from tritondrr.renderers.trilinear import op as ops
 from tritondrr.render import render
 
 SHAPE = (17, 23, 31)
@@ -142,7 +144,7 @@ def _rel(a, b):
 def test_shared_source_matches_reference(dtype, box, phase):
     density = _volume(dtype)
     source, target = _geometry(2, dtype)
-    lo, hi = reference.support_box(SHAPE) if box == "support" else INNER_BOX
+    lo, hi = volume.support_box(SHAPE) if box == "support" else INNER_BOX
     _, out = _compare(density, source, target, lo, hi, phase=phase)
     hits = (out != 0).sum()
     assert 0 < hits < out.numel(), "the geometry must contain rays that hit and rays that miss"
@@ -167,7 +169,7 @@ def test_per_ray_sources_inside_and_targets_inside(phase):
     target[:, quarter : 2 * quarter] = inside[:, quarter : 2 * quarter]  # target inside
     source[:, 2 * quarter : 3 * quarter] = inside[:, 2 * quarter : 3 * quarter]  # both inside
     target[:, 2 * quarter : 3 * quarter] = inside.flip(1)[:, 2 * quarter : 3 * quarter]
-    _compare(density, source, target, *reference.support_box(SHAPE), phase=phase)
+    _compare(density, source, target, *volume.support_box(SHAPE), phase=phase)
     _compare(density, source, target, *INNER_BOX, phase=phase)
 
 
@@ -205,7 +207,7 @@ def test_special_rays_miss_graze_axis_parallel(phase):
     ]
     source = torch.tensor([[r[0] for r in rays]], dtype=torch.float64)
     target = torch.tensor([[r[1] for r in rays]], dtype=torch.float64)
-    errors, out = _compare(density, source, target, *reference.support_box(SHAPE), phase=phase)
+    errors, out = _compare(density, source, target, *volume.support_box(SHAPE), phase=phase)
     assert out[0, 0, 0] == 0 and out[0, 0, 1] == 0 and out[0, 0, -1] == 0
     _compare(density, source, target, *INNER_BOX, phase=phase)
 
@@ -221,8 +223,8 @@ def test_rays_exactly_on_a_face_forward(phase):
     source = torch.tensor([[[-1.0, -5.0, 3.3], [I - 1.0, -5.0, 3.3]]], dtype=torch.float64)
     target = torch.tensor([[[-1.0, 40.0, 9.1], [I - 1.0, 40.0, 9.1]]], dtype=torch.float64)
     ph = _phase(2, phase, seed=1)
-    out = ops.raymarch(density, source, target, ph, *reference.support_box(SHAPE), N_SAMPLES)
-    ref = reference.raymarch(density, source, target, ph, *reference.support_box(SHAPE), N_SAMPLES)
+    out = ops.raymarch(density, source, target, ph, *volume.support_box(SHAPE), N_SAMPLES)
+    ref = reference.raymarch(density, source, target, ph, *volume.support_box(SHAPE), N_SAMPLES)
     assert out[0, 0, 0] == 0
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
@@ -239,7 +241,7 @@ def test_zero_length_rays_give_zero_through_render_and_finite_gradients():
     assert all(torch.isfinite(g).all() for g in grads)
     # The op itself returns f(s) for a zero-length ray inside the box, as the reference does.
     for phase in PHASES:
-        _compare(density.detach().double(), point.double(), point.double(), *reference.support_box(SHAPE), phase=phase)
+        _compare(density.detach().double(), point.double(), point.double(), *volume.support_box(SHAPE), phase=phase)
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -294,7 +296,7 @@ def test_int64_addressing_path(monkeypatch, phase):
 
 
 def test_tiny_matches_reference():
-    assert kernels.TINY == reference.TINY
+    assert kernels.TINY == volume.TINY
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,7 +440,7 @@ def test_torch_compile_forward_backward_matches_eager():
     """
     density = _volume(torch.float32, shape=(9, 11, 13))
     source, target = _geometry(1, torch.float32, shape=(9, 11, 13), det=(5, 4))
-    lo, hi = reference.support_box((9, 11, 13))
+    lo, hi = volume.support_box((9, 11, 13))
     phase = _phase(target.shape[1], dtype=torch.float32)
 
     def loss(d, s, t):
@@ -460,7 +462,7 @@ def test_opcheck():
     """torch.library.opcheck: schema, fake implementation, autograd registration, AOT dispatch."""
     density = _volume(torch.float32, shape=(5, 6, 7))
     source, target = _geometry(1, torch.float32, shape=(5, 6, 7), det=(2, 3))
-    lo, hi = reference.support_box((5, 6, 7))
+    lo, hi = volume.support_box((5, 6, 7))
     phase = _phase(target.shape[1], dtype=torch.float32)
     torch.library.opcheck(torch.ops.tritondrr.raymarch.default, (density, source, target, phase, lo, hi, 8, False))
 
@@ -468,7 +470,7 @@ def test_opcheck():
 def test_validation_errors_name_the_argument():
     density = _volume(torch.float32, shape=(4, 5, 6))
     source, target = _geometry(1, torch.float32, shape=(4, 5, 6), det=(2, 2))
-    box = reference.support_box((4, 5, 6))
+    box = volume.support_box((4, 5, 6))
     ph = _phase(target.shape[1], dtype=torch.float32)
     cases = [
         (ValueError, "density", (density[0], source, target, ph, *box, 8)),
@@ -491,7 +493,7 @@ def test_phase_validation_errors_and_conversion():
     """phase must be a floating (N,) tensor on the rays' device; other float dtypes are converted."""
     density = _volume(torch.float32, shape=(4, 5, 6))
     source, target = _geometry(1, torch.float32, shape=(4, 5, 6), det=(2, 2))
-    box = reference.support_box((4, 5, 6))
+    box = volume.support_box((4, 5, 6))
     n = target.shape[1]
     ph = _phase(n, dtype=torch.float32)
     cases = [

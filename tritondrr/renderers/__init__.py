@@ -1,0 +1,99 @@
+"""The renderers: one package each, a plain PyTorch reference beside its Triton op.
+
+``RENDERERS[(name, backend)]`` is the whole dispatch: ``render`` validates its arguments once,
+converts world rays to index coordinates, and calls the row's function, which returns the
+integral over ``t`` in [0, 1] along each ray, (B, C, N) (``render`` multiplies by the ray length
+in mm). Every row has the same signature::
+
+    fn(density, source, target, *, box, labels, n_channels, soft_labels, sampling) -> (B, C, N)
+
+``sampling`` (``Sampling``) carries what only the sampled trilinear renderer uses. A new
+renderer is one package with ``naive.py`` (PyTorch) and ``op.py`` (Triton) plus two rows here.
+
+| name        | field integrated                         | method                                   |
+|-------------|------------------------------------------|------------------------------------------|
+| "trilinear" | trilinear interpolant                    | S samples per ray at a per-ray phase     |
+| "siddon"    | nearest-neighbour voxels (Siddon)        | exact: voxel crossing lengths            |
+| "exact"     | trilinear interpolant                    | exact: Simpson per cell (cubic pieces)   |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["BACKENDS", "RENDERERS", "RENDERER_NAMES", "Sampling", "prepare_volume"]
+
+RENDERER_NAMES = ("trilinear", "siddon", "exact")
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the sampled trilinear renderer samples (docs/sampling.md).
+
+    Attributes:
+        phase: (N,) sampling phase of each ray in [0, 1), in the rays' dtype.
+        n_samples: samples per ray.
+        deterministic: bitwise-repeatable volume gradients on the Triton backend.
+    """
+
+    phase: torch.Tensor
+    n_samples: int
+    deterministic: bool = False
+
+
+def _trilinear_torch(density, source, target, *, box, labels, n_channels, soft_labels, sampling):
+    from .trilinear import cpu, naive
+
+    march = cpu.raymarch if density.device.type == "cpu" else naive.raymarch
+    lo, hi = box
+    return march(
+        density, source, target, sampling.phase, lo, hi, sampling.n_samples,
+        labels=labels, n_channels=n_channels, soft_labels=soft_labels,
+    )  # fmt: skip
+
+
+def _trilinear_triton(density, source, target, *, box, labels, n_channels, soft_labels, sampling):
+    from .trilinear import op
+
+    if labels is not None:
+        raise NotImplementedError("labelmap channels are not yet supported by renderer='trilinear' on backend='triton'")
+    lo, hi = box
+    return op.raymarch(
+        density, source, target, sampling.phase, lo, hi, sampling.n_samples, deterministic=sampling.deterministic
+    )
+
+
+def _exact_renderer(name: str, module: str):
+    """A row that calls ``tritondrr.renderers.<name>.<module>.integrate`` (imported on first use)."""
+
+    def run(density, source, target, *, box, labels, n_channels, soft_labels, sampling):
+        import importlib
+
+        integrate = importlib.import_module(f"{__name__}.{name}.{module}").integrate
+        return integrate(
+            density, source, target, labels=labels, n_channels=n_channels, soft_labels=soft_labels, box=box
+        )
+
+    run.__name__ = f"_{name}_{module}"
+    return run
+
+
+RENDERERS = {
+    ("trilinear", "torch"): _trilinear_torch,
+    ("trilinear", "triton"): _trilinear_triton,
+    ("siddon", "torch"): _exact_renderer("siddon", "naive"),
+    ("siddon", "triton"): _exact_renderer("siddon", "op"),
+    ("exact", "torch"): _exact_renderer("exact", "naive"),
+    ("exact", "triton"): _exact_renderer("exact", "op"),
+}
+
+
+def prepare_volume(density: torch.Tensor) -> torch.Tensor:
+    """The volume laid out as the backends like it (on CPU: transparent huge pages). ``DRR`` keeps
+    the result as its density, so the layout costs no second copy."""
+    from .trilinear.cpu import prepare_volume as prepare
+
+    return prepare(density)
