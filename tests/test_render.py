@@ -281,3 +281,16 @@ def test_ray_phases_are_spread_and_reproducible():
     assert float(counts.min()) > 3800 and float(counts.max()) < 4200
     assert float((phases[1:] - phases[:-1]).abs().mean()) > 0.25
     torch.testing.assert_close(ray_phases(torch.tensor([0, 1, 2])), ray_phases(torch.arange(3)))
+
+
+def test_double_backward_is_refused_not_wrong():
+    v = volume((5, 6, 7)).requires_grad_()
+    affine = torch.eye(4, dtype=torch.float64)
+    source = torch.tensor([[[-3.0, 2.5, 3.0]]], dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([[[8.0, 2.0, 3.5]]], dtype=torch.float64)
+    out = render(v, affine, source, target, n_samples=16, backend="torch")
+    (g,) = torch.autograd.grad(out.sum(), source)  # first derivatives work
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    out = render(v, affine, source, target, n_samples=16, backend="torch")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), source, create_graph=True)
