@@ -6,6 +6,9 @@
 |                     |         | a kernel module is imported; tritondrr only asks whether it is on.   |
 | ``TRITONDRR_COMPILE`` | ``1`` | ``0``: the CPU trilinear renderer uses ``grid_sample`` instead of the |
 |                     |         | ``torch.compile``-d gather loop (no 10-60 s first compile).          |
+| ``TRITONDRR_MAX_BYTES`` | 16 GiB | largest allocation a call may plan before it is refused with a    |
+|                     |         | ValueError (``tritondrr._limits``); a number of bytes or ``64G``,   |
+|                     |         | ``512M``; ``0`` or ``inf`` turns the limit off.                      |
 
 Code that wants to change a setting for the process calls ``set_compile`` (the command line
 does); nothing else writes the environment.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["interpreting", "compile_enabled", "set_compile"]
+__all__ = ["interpreting", "compile_enabled", "set_compile", "max_bytes"]
 
 _compile_override: bool | None = None
 
@@ -36,3 +39,19 @@ def set_compile(enabled: bool | None) -> None:
     """Turn the compiled CPU path on or off for this process (None: back to the environment)."""
     global _compile_override
     _compile_override = enabled
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def max_bytes() -> float:
+    """Largest allocation a call may plan (``TRITONDRR_MAX_BYTES``, default 16 GiB; inf: no limit)."""
+    text = os.environ.get("TRITONDRR_MAX_BYTES", "16G").strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in _UNITS and text[-1:] else ""
+    try:
+        value = float(text[: len(text) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        raise ValueError(
+            f"TRITONDRR_MAX_BYTES must be a number of bytes such as 17179869184, 16G or 512M, got {text!r}"
+        ) from None
+    return float("inf") if value <= 0 or value != value else value

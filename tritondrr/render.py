@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _config
+from . import _config, _limits, _validate
 from .renderers import BACKENDS, RENDERER_NAMES, RENDERERS, Sampling
 from .renderers._sampling import ray_phases, samples_per_ray
 from .volume import Volume, world_to_index
@@ -120,6 +120,11 @@ def render(
             raise ValueError(f"{name} is on {x.device} but density is on {density.device}")
     if source.dtype != target.dtype or target.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"source and target must share dtype float32 or float64, got {source.dtype} and {target.dtype}")
+    step, n_samples, box, n_channels = _validate.render_arguments(
+        density, affine, source, target, mask=mask, n_channels=n_channels, step=step, n_samples=n_samples, box=box,
+        ray_ids=ray_ids,
+    )  # fmt: skip
+    source, target = _validate.finite_ray_ends(source, target, affine, density.shape)
     if step is not None and n_samples is not None:
         raise ValueError("give step or n_samples, not both")
     if step is not None and not (isinstance(step, (int, float)) and step > 0):
@@ -149,6 +154,7 @@ def render(
         lo, hi = box
         if n_samples is None:
             n_samples = samples_per_ray(affine, lo, hi, step)
+        _limits.check_samples(n_samples, target.element_size(), backend)
         sampling = Sampling(ray_phases(ray_ids.to(target.device), target.dtype), n_samples, deterministic)
 
     inverse = world_to_index(affine, target.dtype)
@@ -158,4 +164,6 @@ def render(
         density, src, tgt, box=box, labels=mask, n_channels=n_channels, soft_labels=soft_labels, sampling=sampling
     )
     length_mm = (target - source).norm(dim=-1)  # [B, N]
+    if _validate.known_nonnegative(density):  # cached per volume edit; docs/errors.md: end correction
+        integral = integral.clamp_min(0.0)
     return integral * length_mm[:, None, :]

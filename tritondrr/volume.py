@@ -79,13 +79,20 @@ def world_to_index(affine: torch.Tensor, dtype) -> torch.Tensor:
 
 class _Key:
     """What a value derived from a tensor depends on: that tensor object (held weakly, so a new
-    tensor that reuses a freed one's address never matches) and its in-place edit count."""
+    tensor that reuses a freed one's address never matches), its in-place edit count, and its
+    storage and shape (``tensor.data = other`` swaps them without counting an edit). In-place
+    edits through ``tensor.data`` are invisible to all three (docs/errors.md)."""
 
     def __init__(self, tensor: torch.Tensor):
         self.ref, self.version = weakref.ref(tensor), tensor._version
+        self.storage = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
 
     def matches(self, tensor: torch.Tensor) -> bool:
-        return self.ref() is tensor and self.version == tensor._version
+        return (
+            self.ref() is tensor
+            and self.version == tensor._version
+            and self.storage == (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+        )
 
 
 def _valid(key: _Key | None, tensor: torch.Tensor) -> bool:
