@@ -34,6 +34,7 @@ __all__ = [
     "check_calibration",
     "check_finite",
     "check_ray_ids",
+    "check_pose_parameters",
     "warn_float32_precision",
     "finite_ray_ends",
     "known_nonnegative",
@@ -302,6 +303,22 @@ def finite_ray_ends(source: torch.Tensor, target: torch.Tensor, affine: torch.Te
     if source.shape[1] == target.shape[1]:
         source = _far_end(target, source, centre, radius)
     return source, target
+
+
+def check_pose_parameters(rotation: torch.Tensor, translation: torch.Tensor, parameterization: str) -> None:
+    """On CPU tensors: finite parameters, and rotations that name one (a quaternion or
+    quaternion_adjugate of norm 0 names none). Other devices are not read (docs/errors.md)."""
+    if rotation.device.type != "cpu" or translation.device.type != "cpu":
+        return
+    for name, x in (("rotation", rotation), ("translation", translation)):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} must be finite, got {x.detach().tolist() if x.numel() <= 30 else 'NaN or inf entries'}")
+    if parameterization in ("quaternion", "quaternion_adjugate") and rotation.numel():
+        norms = rotation.detach().reshape(rotation.shape[0], -1).norm(dim=-1)
+        if bool((norms == 0).any()):
+            raise ValueError(
+                f"rotation ({parameterization}) must be nonzero, got a zero vector at batch index {int((norms == 0).nonzero()[0])}"
+            )
 
 
 # ------------------------------------------------------------------------------------- volume facts

@@ -48,6 +48,8 @@ import math
 
 import torch
 
+from . import _validate
+
 __all__ = [
     "EULER_CONVENTIONS",
     "PARAMETERIZATIONS",
@@ -198,6 +200,7 @@ class RigidTransform:
         middle in [-pi/2, pi/2] for Tait-Bryan, [0, pi] for proper Euler), axis-angle with
         |w| <= pi, quaternions with w >= 0. Shapes as in the module docstring.
         """
+        degrees = _validate.flag("degrees", degrees)
         _check_parameterization(parameterization, convention, degrees)
         if parameterization == "spherical":
             raise ValueError(
@@ -258,6 +261,7 @@ def convert(
         >>> pose.translation
         tensor([[  0., 850.,   0.]])
     """
+    degrees = _validate.flag("degrees", degrees)
     _check_parameterization(parameterization, convention, degrees)
     if parameterization == "spherical":
         if len(args) != 7:
@@ -279,6 +283,7 @@ def convert(
             f"got {len(args)} argument(s)"
         )
     rotation, translation = _batch_pair(*args, parameterization)
+    _validate.check_pose_parameters(rotation, translation, parameterization)
     if parameterization == "se3_log_map":
         R = _axis_angle_to_matrix(rotation)
         T = (_se3_V(rotation) @ translation.unsqueeze(-1)).squeeze(-1)
@@ -540,9 +545,11 @@ def _matrix_to_euler(R: torch.Tensor, convention: str) -> torch.Tensor:
 
 
 def _quaternion_to_matrix(q: torch.Tensor, convention=None) -> torch.Tensor:
-    """Textbook matrix of q / |q| (w, x, y, z)."""
+    """Textbook matrix of q / |q| (w, x, y, z); the identity for q = 0 (finite, with finite gradients;
+    ``convert`` refuses a zero quaternion on the CPU)."""
     w, x, y, z = q.unbind(-1)
-    s = 2.0 / (q * q).sum(-1)
+    n2 = (q * q).sum(-1)
+    s = 2.0 / torch.where(n2 > 0, n2, torch.full_like(n2, torch.inf))
     R = torch.stack(
         [
             1 - s * (y * y + z * z), s * (x * y - z * w), s * (x * z + y * w),
@@ -714,6 +721,9 @@ class _SpecialOrthogonalProjection(torch.autograd.Function):
         U, S, Vh = ctx.saved_tensors
         A = U.mT @ grad @ Vh.mT
         denom = S.unsqueeze(-1) + S.unsqueeze(-2)
+        # s'_i + s'_j = 0 (M singular, e.g. rank <= 1): that rotation component is undetermined; give it 0.
+        tiny = torch.finfo(S.dtype).eps * S.abs().amax(-1, keepdim=True).unsqueeze(-1).clamp_min(1.0)
+        denom = torch.where(denom.abs() > tiny, denom, torch.full_like(denom, torch.inf))
         X = (A - A.mT) / denom  # zero on the diagonal
         return U @ X @ Vh
 
@@ -737,6 +747,9 @@ class _SmallestEigenvector(torch.autograd.Function):
         L, V = ctx.saved_tensors
         v, others = V[..., 0], V[..., 1:]
         gaps = L[..., 1:] - L[..., :1]
+        # A repeated smallest eigenvalue leaves the eigenvector undetermined in that plane: no gradient there.
+        tiny = torch.finfo(L.dtype).eps * L.abs().amax(-1, keepdim=True).clamp_min(1.0)
+        gaps = torch.where(gaps > tiny, gaps, torch.full_like(gaps, torch.inf))
         w = others @ ((others.mT @ grad.unsqueeze(-1)).squeeze(-1) / gaps).unsqueeze(-1)
         G = -w * v.unsqueeze(-2)
         return 0.5 * (G + G.mT)
