@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import _limits, _validate
+
 __all__ = [
     "Subject",
     "hu_to_density",
@@ -117,8 +119,8 @@ class Subject:
     """
 
     def __init__(self, volume, density, affine, labelmap=None, orientation="AP"):
-        volume = _as_tensor(volume, "volume")
-        density = _as_tensor(density, "density")
+        volume = _validate.as_volume("volume", _as_tensor(volume, "volume"))
+        density = _validate.as_volume("density", _as_tensor(density, "density"))
         if volume.ndim != 3:
             raise ValueError(f"volume must be (I, J, K), got {tuple(volume.shape)}")
         if tuple(density.shape) != tuple(volume.shape):
@@ -129,6 +131,7 @@ class Subject:
             raise TypeError(f"volume must hold real numbers (HU), got dtype {volume.dtype}")
         if not density.is_floating_point():
             raise TypeError(f"density must be a floating-point tensor, got dtype {density.dtype}")
+        _validate.check_finite("density", density, "replace them first, e.g. torch.nan_to_num(density)")
         _check_orientation(orientation)
         self.volume = volume.to(torch.float32)
         self.density = density  # float32 normally; float16/bfloat16/float64 are kept as given
@@ -224,6 +227,8 @@ def hu_to_density(volume, bone_attenuation_multiplier: float = 1.0) -> torch.Ten
     if not (math.isfinite(mult) and mult >= 0):
         raise ValueError(f"bone_attenuation_multiplier must be a finite number >= 0, got {bone_attenuation_multiplier!r}")
     v = _as_tensor(volume, "volume").to(torch.float32)
+    # A NaN or inf voxel would make the min-max scaling below constant (all zeros): refuse it.
+    _validate.check_finite("volume", v, "replace them first, e.g. torch.nan_to_num(volume, nan=-1000.0)")
     air = v <= -800
     bone = v > 350
     soft = ~(air | bone)
@@ -316,6 +321,7 @@ def _squeeze_to_3d(data: np.ndarray, path: Path) -> np.ndarray:
 def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import nrrd
 
+    _limits.check_nrrd_file(path)  # header only: no giant read of a truncated or forged file
     try:
         data, header = nrrd.read(str(path), index_order="F")
     except Exception as e:  # pynrrd raises NRRDError, ValueError, zlib errors, ...
@@ -363,10 +369,14 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
         ) from e
     try:
         img = nibabel.load(str(path))
+    except Exception as e:
+        raise ValueError(f"cannot read {str(path)!r} as NIfTI: {type(e).__name__}: {e}") from e
+    _limits.check_nifti_image(path, img)  # header only: no giant read of a truncated or forged file
+    try:
         data = np.asanyarray(img.dataobj)  # applies scl_slope / scl_inter
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as e:
-        raise ValueError(f"cannot read {str(path)!r} as NIfTI: {e}") from e
+        raise ValueError(f"cannot read {str(path)!r} as NIfTI: {type(e).__name__}: {e}") from e
     return _squeeze_to_3d(data, path), affine
 
 
@@ -430,6 +440,7 @@ def read(
 
     data, affine, path = _read_array(volume, "volume")
     hu = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+    _validate.check_finite(f"volume {str(path)!r}", hu, "replace them first (e.g. with -1000 HU, air)")
     mask = None
     if labelmap is not None:
         ldata, laffine, lpath = _read_array(labelmap, "labelmap")
@@ -502,7 +513,7 @@ def write_nrrd(path, volume, affine=None) -> Path:
     else:
         if affine is None:
             raise ValueError("affine is required when volume is an array, got None")
-        data = _as_tensor(volume, "volume")
+        data = _validate.as_volume("volume", _as_tensor(volume, "volume"))
     if data.ndim != 3:
         raise ValueError(f"volume must be (I, J, K), got {tuple(data.shape)}")
     affine = _check_affine(affine).cpu().numpy()
