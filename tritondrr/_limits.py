@@ -83,11 +83,12 @@ def render_bytes(batch: int, n_rays: int, channels: int, itemsize: int, n_sample
     return out
 
 
-def check_samples(n_samples: int, itemsize: int, backend: str) -> None:
+def check_samples(n_samples: int, itemsize: int, backend: str, step: float | None = None) -> None:
     """Refuse a sample count whose chunk of samples (PyTorch backend) exceeds the limit."""
     if backend == "torch":
         check_bytes(
-            render_bytes(1, 0, 1, itemsize, n_samples, backend), f"n_samples={n_samples} samples per ray",
+            render_bytes(1, 0, 1, itemsize, n_samples, backend),
+            f"n_samples={n_samples} samples per ray" + ("" if step is None else f" (from step={step} mm)"),
             "use fewer samples per ray (a larger step)",
         )
 

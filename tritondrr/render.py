@@ -154,7 +154,7 @@ def render(
         lo, hi = box
         if n_samples is None:
             n_samples = samples_per_ray(affine, lo, hi, step)
-        _limits.check_samples(n_samples, target.element_size(), backend)
+        _limits.check_samples(n_samples, target.element_size(), backend, step)
         sampling = Sampling(ray_phases(ray_ids.to(target.device), target.dtype), n_samples, deterministic)
 
     inverse = world_to_index(affine, target.dtype)
