@@ -21,7 +21,7 @@ F64 = torch.float64
 
 
 @st.composite
-def scenes(draw, signed: bool = False, max_rays: int = 4):
+def scenes(draw, signed: bool = False, max_rays: int = 4, inside: bool = False):
     """(density (I, J, K), affine (4, 4), source (1, N, 3), target (1, N, 3)) in float64, world mm.
 
     Diagonal affines with spacings in [0.5, 2.5] mm (either sign) and a random origin; ray ends
@@ -39,7 +39,11 @@ def scenes(draw, signed: bool = False, max_rays: int = 4):
     affine[:3, 3] = torch.randn(3, generator=g, dtype=F64) * 10
     n = draw(st.integers(1, max_rays))
     lo, hi = torch.full((3,), -4.0, dtype=F64), torch.tensor(shape, dtype=F64) + 3.0
-    index_source = lo + (hi - lo) * torch.rand(1, n, 3, generator=g, dtype=F64)
+    if inside:  # the source within the grid's voxel centres, where the field is usually non-zero
+        lo_s, hi_s = torch.zeros(3, dtype=F64), torch.tensor(shape, dtype=F64) - 1.0
+        index_source = lo_s + (hi_s - lo_s) * torch.rand(1, 1, 3, generator=g, dtype=F64)
+    else:
+        index_source = lo + (hi - lo) * torch.rand(1, n, 3, generator=g, dtype=F64)
     index_target = lo + (hi - lo) * torch.rand(1, n, 3, generator=g, dtype=F64)
     world = lambda p: p @ affine[:3, :3].T + affine[:3, 3]  # noqa: E731
     return density, affine, world(index_source), world(index_target)
@@ -81,9 +85,11 @@ def test_rays_that_miss_or_have_zero_length_give_exactly_zero(scene, axis, side,
     assert torch.equal(same, torch.zeros_like(same))
 
 
-@SETTINGS
-@given(scenes(), st.sampled_from([None, 1, 2, 3, 5, 16]))
+@settings(max_examples=150, deadline=None)
+@given(st.booleans().flatmap(lambda inside: scenes(inside=inside, max_rays=8)), st.sampled_from([None, 1, 2, 3, 16]))
 def test_non_negative_volumes_give_non_negative_integrals_with_the_source_anywhere(scene, n_samples):
+    # Without render's clamp, sources inside the volume with few samples give e.g. -0.33 (the end
+    # correction at an end inside the support, docs/errors.md).
     out = run(*scene, n_samples=n_samples)
     assert bool((out >= 0).all()), float(out.min())
 
