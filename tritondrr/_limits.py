@@ -102,7 +102,8 @@ def _truncated(path: Path, shape, nbytes: int, holds: int, how: str) -> ValueErr
 
 def _check_volume_bytes(path: Path, shape, itemsize: int, available: int, encoding: str) -> None:
     """Header says ``shape`` x ``itemsize``; ``available`` bytes of (possibly compressed) data follow."""
-    if any(int(n) < 0 for n in shape):
+    shape = tuple(int(n) for n in shape)
+    if any(n < 0 for n in shape):
         raise ValueError(f"cannot read {str(path)!r}: its header has negative sizes {tuple(shape)}")
     nbytes = itemsize
     for n in shape:
@@ -144,8 +145,11 @@ def check_nrrd_file(path: Path) -> None:
 
 def check_nifti_image(path: Path, img) -> None:
     """``img`` is a nibabel image whose header is read but not its data: refuse impossible sizes."""
-    shape = tuple(int(n) for n in img.header.get_data_shape())
-    itemsize = img.header.get_data_dtype().itemsize
+    try:
+        shape = tuple(int(n) for n in img.header.get_data_shape())
+        itemsize = img.header.get_data_dtype().itemsize
+    except Exception as e:  # nibabel raises HeaderDataError, ValueError, TypeError on corrupt headers
+        raise ValueError(f"cannot read {str(path)!r} as NIfTI: bad header ({type(e).__name__}: {e})") from e
     size = path.stat().st_size
     compressed = path.name.lower().endswith(".gz")
     offset = 0 if compressed else int(img.header.get("vox_offset", 0) or 0)
