@@ -8,7 +8,7 @@ the limit is ``TRITONDRR_MAX_BYTES`` (default 16 GiB, ``tritondrr._config.max_by
 |-----------------------------------|-------------------------------------------------------------------|
 | a DRR's detector (``height``,     | ``H * W * (8 + 4 * 3 * 4 + 4 * C)`` per pose: pixel ids, camera,  |
 | ``width``)                        | world and index-space ray ends, the image                         |
-| ``render`` output (``mask`` /     | ``B * N * C * itemsize``                                          |
+| ``render`` output (``mask`` /     | ``B * N * C * itemsize``, twice when C > 1 (scatter buffer)      |
 | ``n_channels``)                   |                                                                   |
 | PyTorch backend, per chunk        | ``max(n_samples, 2^22) * 8 * itemsize`` (sample grid and values)  |
 | (``n_samples``)                   |                                                                   |
@@ -78,6 +78,8 @@ def detector_bytes(n_pixels: int, channels: int = 1, itemsize: int = 4) -> int:
 def render_bytes(batch: int, n_rays: int, channels: int, itemsize: int, n_samples: int | None, backend: str) -> int:
     """Bytes a ``render`` call allocates: its output, plus a chunk of samples on the PyTorch backend."""
     out = batch * n_rays * channels * itemsize
+    if channels > 1:  # the channels are scattered into a buffer, then laid out: two copies alive
+        out *= 2
     if backend == "torch" and n_samples is not None:
         out += max(n_samples, _CHUNK_SAMPLES) * _BYTES_PER_SAMPLE * itemsize
     return out

@@ -325,23 +325,33 @@ def check_pose_parameters(rotation: torch.Tensor, translation: torch.Tensor, par
 
 # ------------------------------------------------------------------------------------- volume facts
 
-_NONNEG: dict[int, tuple] = {}
+_FACTS: dict[tuple[int, str], tuple] = {}
+
+
+def _cached(tensor: torch.Tensor, name: str, compute):
+    """``compute(tensor)``, remembered until the tensor is freed, edited in place (its version) or
+    given new storage (``.data =``). Reads the tensor once per edit, not once per call."""
+    key = (id(tensor), name)
+    stamp = (tensor._version, tensor.data_ptr(), tuple(tensor.shape))
+    entry = _FACTS.get(key)
+    if entry is not None and entry[0]() is tensor and entry[1] == stamp:
+        return entry[2]
+    value = compute(tensor)
+    _FACTS[key] = (weakref.ref(tensor, lambda _, k=key: _FACTS.pop(k, None)), stamp, value)
+    return value
 
 
 def known_nonnegative(density: torch.Tensor) -> bool:
-    """Whether every voxel of ``density`` is >= 0, cached on the tensor's identity, storage and
-    version (one read per edit). False (unchecked) while the density requires grad."""
+    """Whether every voxel of ``density`` is >= 0 (cached, ``_cached``). False, unchecked, while
+    the density requires grad (a volume being optimised changes at every step)."""
     if density.requires_grad:
         return False
-    key = id(density)
-    entry = _NONNEG.get(key)
-    if entry is not None:
-        ref, version, ptr, value = entry
-        if ref() is density and version == density._version and ptr == density.data_ptr():
-            return value
-    value = bool((density >= 0).all()) if density.numel() else True
-    _NONNEG[key] = (weakref.ref(density, lambda _, k=key: _NONNEG.pop(k, None)), density._version, density.data_ptr(), value)
-    return value
+    return _cached(density, "nonnegative", lambda d: bool((d >= 0).all()) if d.numel() else True)
+
+
+def label_range(mask: torch.Tensor) -> tuple[int, int]:
+    """(min, max) label of an integer labelmap (cached, ``_cached``)."""
+    return _cached(mask, "range", lambda m: tuple(int(v) for v in torch.aminmax(m)))
 
 
 # ------------------------------------------------------------------------------------- entry points
@@ -366,8 +376,8 @@ def render_arguments(density, affine, source, target, *, mask, n_channels, step,
     box = check_box(box)
     check_ray_ids(ray_ids, target.shape[1])
     if mask is not None and isinstance(mask, torch.Tensor) and not mask.is_floating_point() and mask.numel():
-        if n_channels is None or mask.device.type == "cpu":
-            lo, hi = (int(v) for v in torch.aminmax(mask))
+        if n_channels is None or mask.device.type == "cpu":  # one cached read per labelmap edit
+            lo, hi = label_range(mask)
             if lo < 0:
                 raise ValueError(f"mask must hold labels >= 0, got min {lo}")
             if n_channels is None:
