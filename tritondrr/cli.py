@@ -111,7 +111,6 @@ def _render(args, parser) -> int:
 
     from . import _validate
     from ._config import set_compile
-
     from .data import read
     from .drr import DRR
     from .phantom import load_example_ct
@@ -127,7 +126,8 @@ def _render(args, parser) -> int:
     except RuntimeError as e:
         parser.error(f"argument --device: {e}")
     if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        parser.error(f"argument --device: {args.device!r} is not available (CUDA devices here: {torch.cuda.device_count()})")
+        count = torch.cuda.device_count()
+        parser.error(f"argument --device: {args.device!r} is not available (CUDA devices here: {count})")
     if device.type == "mps" and not torch.backends.mps.is_available():
         parser.error(f"argument --device: {args.device!r} is not available on this machine")
     try:

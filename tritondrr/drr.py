@@ -48,7 +48,8 @@ def _read_subject(subject):
     if not density.is_floating_point():
         density = density.float()
     if labelmap is not None:
-        labelmap = _validate.check_labels("subject labelmap", _validate.as_volume("subject labelmap", labelmap), density.shape)
+        labelmap = _validate.as_volume("subject labelmap", labelmap)
+        labelmap = _validate.check_labels("subject labelmap", labelmap, density.shape)
     return density, affine, reorient, labelmap
 
 

@@ -125,7 +125,9 @@ FIELDS = st.sampled_from(
 )
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(
     sizes=st.lists(st.one_of(st.integers(-2, 12), st.integers(10**4, 10**7)), min_size=1, max_size=4),
     type_=st.sampled_from(["float", "double", "short", "uint8", "int64", "block", "complex", "float32?"]),
@@ -134,7 +136,9 @@ FIELDS = st.sampled_from(
     payload=st.binary(max_size=3000),
     compress=st.booleans(),
 )
-def test_fuzzed_nrrd_headers_give_a_subject_or_a_value_error(tmp_path, sizes, type_, encoding, fields, payload, compress):
+def test_fuzzed_nrrd_headers_give_a_subject_or_a_value_error(
+    tmp_path, sizes, type_, encoding, fields, payload, compress
+):
     path = tmp_path / "fuzz.nrrd"
     if compress and encoding == "gzip":
         payload = gzip.compress(payload)
@@ -146,7 +150,9 @@ def test_fuzzed_nrrd_headers_give_a_subject_or_a_value_error(tmp_path, sizes, ty
         assert "fuzz.nrrd" in str(result)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(
     flips=st.lists(st.tuples(st.integers(0, 351), st.integers(0, 255)), min_size=1, max_size=6),
     gz=st.booleans(),

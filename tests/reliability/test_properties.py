@@ -33,7 +33,9 @@ def scenes(draw, signed: bool = False, max_rays: int = 4, inside: bool = False):
     density = density * (torch.rand(shape, generator=g) >= draw(st.sampled_from([0.0, 0.5, 0.9])))
     if signed:
         density = density * torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0).to(F64)
-    spacing = (torch.rand(3, generator=g, dtype=F64) * 2 + 0.5) * torch.where(torch.rand(3, generator=g) < 0.3, -1.0, 1.0)
+    spacing = (torch.rand(3, generator=g, dtype=F64) * 2 + 0.5) * torch.where(
+        torch.rand(3, generator=g) < 0.3, -1.0, 1.0
+    )
     affine = torch.eye(4, dtype=F64)
     affine[:3, :3] = torch.diag(spacing)
     affine[:3, 3] = torch.randn(3, generator=g, dtype=F64) * 10
@@ -116,7 +118,9 @@ def test_additive_over_split_segments(scene, split):
     density, affine, source, target = scene
     middle = source + split * (target - source)
     whole = run(density, affine, source, target, n_samples=N_FINE)
-    parts = run(density, affine, source, middle, n_samples=N_FINE) + run(density, affine, middle, target, n_samples=N_FINE)
+    parts = run(density, affine, source, middle, n_samples=N_FINE) + run(
+        density, affine, middle, target, n_samples=N_FINE
+    )
     scale = density.abs().max() * (target - source).norm(dim=-1)
     assert bool(((whole - parts).abs()[:, 0] <= 2 * TOLERANCE * scale + 1e-12).all())
 

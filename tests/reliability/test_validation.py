@@ -191,7 +191,13 @@ def test_float_ray_ids_are_a_type_error_not_a_shape_error():
     with pytest.raises(TypeError, match="ray_ids must be an integer tensor.*float32"):
         line(torch.rand(4, 4, 4), [[-3.0, 1.5, 1.5]], [[7.0, 1.5, 1.5]], n_samples=8, ray_ids=torch.zeros(1))
     with pytest.raises(ValueError, match=r"ray_ids must have shape \(1,\)"):
-        line(torch.rand(4, 4, 4), [[-3.0, 1.5, 1.5]], [[7.0, 1.5, 1.5]], n_samples=8, ray_ids=torch.zeros(2, dtype=torch.long))
+        line(
+            torch.rand(4, 4, 4),
+            [[-3.0, 1.5, 1.5]],
+            [[7.0, 1.5, 1.5]],
+            n_samples=8,
+            ray_ids=torch.zeros(2, dtype=torch.long),
+        )
 
 
 # Mechanism: check_affine on CPU affines in render and at DRR construction.
@@ -233,7 +239,9 @@ def test_calibration_of_the_wrong_shape_or_type_is_named():
         drr(ROT, XYZ, calibration=torch.eye(4).tolist(), **POSE)
     with pytest.raises(ValueError, match="calibration must be"):
         drr(ROT, XYZ, calibration=torch.eye(4).expand(3, 4, 4), **POSE)
-    torch.testing.assert_close(drr(ROT, XYZ, calibration=drr.detector.calibration_matrix(), **POSE), drr(ROT, XYZ, **POSE))
+    torch.testing.assert_close(
+        drr(ROT, XYZ, calibration=drr.detector.calibration_matrix(), **POSE), drr(ROT, XYZ, **POSE)
+    )
 
 
 # ------------------------------------------------------------------------------------- silent wrong results
@@ -336,7 +344,9 @@ def test_non_negative_volume_never_gives_a_negative_integral_with_the_source_ins
 def test_signed_volumes_are_not_clamped():
     density = -torch.ones(4, 4, 4, dtype=torch.float64)
     out = line(density, [[-3.0, 1.5, 1.5]], [[7.0, 1.5, 1.5]], n_samples=400)
-    exact = exact_line_integrals(density, torch.eye(4), torch.tensor([[-3.0, 1.5, 1.5]]), torch.tensor([[7.0, 1.5, 1.5]]))
+    exact = exact_line_integrals(
+        density, torch.eye(4), torch.tensor([[-3.0, 1.5, 1.5]]), torch.tensor([[7.0, 1.5, 1.5]])
+    )
     torch.testing.assert_close(out.reshape(-1), exact, rtol=1e-4, atol=0)  # measured 2e-6
 
 
@@ -365,10 +375,18 @@ def test_rays_with_an_infinite_end():
     exact = exact_line_integrals(density, torch.eye(4), source, torch.tensor([[50.0, 1.7, 2.2]]))
     torch.testing.assert_close(hit.reshape(-1), exact, rtol=1e-4, atol=0)  # measured 3e-6
     back = line(density, [[-inf, 1.7, 2.2]], [[8.0, 1.7, 2.2]], n_samples=800)  # source at infinity
-    exact = exact_line_integrals(density, torch.eye(4), torch.tensor([[-50.0, 1.7, 2.2]]), torch.tensor([[8.0, 1.7, 2.2]]))
+    exact = exact_line_integrals(
+        density, torch.eye(4), torch.tensor([[-50.0, 1.7, 2.2]]), torch.tensor([[8.0, 1.7, 2.2]])
+    )
     torch.testing.assert_close(back.reshape(-1), exact, rtol=1e-4, atol=0)
     s = source.reshape(1, 1, 3).requires_grad_()
-    out = render(density, torch.eye(4, dtype=torch.float64), s, torch.tensor([[[inf, 1.7, 2.2]]], dtype=torch.float64), n_samples=64)
+    out = render(
+        density,
+        torch.eye(4, dtype=torch.float64),
+        s,
+        torch.tensor([[[inf, 1.7, 2.2]]], dtype=torch.float64),
+        n_samples=64,
+    )
     out.sum().backward()
     assert torch.isfinite(s.grad).all()
 
@@ -379,7 +397,9 @@ def test_rays_with_an_infinite_end():
 # Mechanism: _limits.check_bytes from drr_arguments (estimate before allocating).
 def test_giant_detector_is_refused_before_allocating():
     start = time.perf_counter()
-    with pytest.raises(ValueError, match=r"height=100000 x width=100000 pixels needs about .* \(\d+ bytes\).*TRITONDRR_MAX_BYTES"):
+    with pytest.raises(
+        ValueError, match=r"height=100000 x width=100000 pixels needs about .* \(\d+ bytes\).*TRITONDRR_MAX_BYTES"
+    ):
         DRR(subject(), 1020.0, 100000, 0.001)
     assert time.perf_counter() - start < 5.0
 
@@ -399,7 +419,9 @@ def test_giant_sample_counts_are_refused():
 def test_the_limit_is_raised_and_lowered_by_the_environment(monkeypatch):
     density = torch.rand(4, 4, 4)
     monkeypatch.setenv("TRITONDRR_MAX_BYTES", "1K")
-    with pytest.raises(ValueError, match=r"output \(1 x 1 channels x 400 rays\) needs about 3.1 KiB \(3200 bytes\).* limit of 1.0 KiB"):
+    with pytest.raises(
+        ValueError, match=r"output \(1 x 1 channels x 400 rays\) needs about 3.1 KiB \(3200 bytes\).* limit of 1.0 KiB"
+    ):
         line(density, torch.zeros(400, 3), torch.ones(400, 3), n_samples=4)
     monkeypatch.setenv("TRITONDRR_MAX_BYTES", "0")  # no limit
     line(density, torch.zeros(400, 3), torch.ones(400, 3), n_samples=4)
@@ -448,7 +470,8 @@ def _double_backward(backend):
 # Mechanism: naive._Raymarch.backward refuses with grad mode on; the Triton op has no autograd
 # for its backward op, which torch refuses.
 @pytest.mark.parametrize(
-    "backend, words", [("torch", "double backward .* not supported"), ("triton", "backward through tritondrr.raymarch_backward")]
+    "backend, words",
+    [("torch", "double backward .* not supported"), ("triton", "backward through tritondrr.raymarch_backward")],
 )
 def test_double_backward_is_refused_on_every_backend(backend, words):
     with pytest.raises(RuntimeError, match=words):
