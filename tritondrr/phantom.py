@@ -29,6 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import _limits
 from .data import Subject, _check_orientation, _density_from_hu
 
 __all__ = ["load_example_ct", "LABELS", "EXAMPLE_SHAPE", "EXAMPLE_FOV"]
@@ -200,6 +201,7 @@ def load_example_ct(
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 2:
         raise ValueError(f"shape must be 3 voxel counts >= 2, got {shape}")
+    _limits.check_bytes(40 * math.prod(shape), f"load_example_ct(shape={shape})", "use a smaller shape")  # ~31 B/voxel
     if spacing is None:
         spacing = tuple(f / n for f, n in zip(EXAMPLE_FOV, shape))
     spacing = tuple(float(s) for s in spacing)

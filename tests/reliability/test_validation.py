@@ -508,3 +508,13 @@ def test_save_png_checks_vmin_vmax_and_never_leaves_a_partial_file(tmp_path, mon
     monkeypatch.undo()
     with pytest.raises(ValueError, match="must be a file, got the directory"):
         save_png(img, tmp_path)
+
+
+# Mechanism: _limits.check_bytes before the phantom is built.
+def test_giant_phantom_is_refused_before_allocating():
+    from tritondrr import load_example_ct
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"load_example_ct\(shape=\(5000, 5000, 5000\)\) needs about .* bytes"):
+        load_example_ct(shape=(5000, 5000, 5000))
+    assert time.perf_counter() - start < 5.0
