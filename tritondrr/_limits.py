@@ -105,8 +105,8 @@ def _truncated(path: Path, shape, nbytes: int, holds: int, how: str) -> ValueErr
 def _check_volume_bytes(path: Path, shape, itemsize: int, available: int, encoding: str) -> None:
     """Header says ``shape`` x ``itemsize``; ``available`` bytes of (possibly compressed) data follow."""
     shape = tuple(int(n) for n in shape)
-    if any(n < 0 for n in shape):
-        raise ValueError(f"cannot read {str(path)!r}: its header has negative sizes {tuple(shape)}")
+    if any(n < 1 for n in shape):
+        raise ValueError(f"cannot read {str(path)!r}: its header has sizes {shape}; every axis needs a voxel or more")
     nbytes = itemsize
     for n in shape:
         nbytes *= int(n)
