@@ -68,6 +68,11 @@ def number(name: str, value, *, integer: bool = False, finite: bool = True):
 
     Raises TypeError for bools, strings and other types, ValueError for NaN/inf when ``finite``.
     """
+    kind = type(value)
+    if kind is int:  # fast paths: plain Python numbers (bool is not int's type)
+        return value if integer else float(value)
+    if kind is float and not integer and (math.isfinite(value) or not finite):
+        return value
     if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         raise TypeError(f"{name} must be a number, got {_describe(value)}")
     if isinstance(value, torch.Tensor):
@@ -122,6 +127,17 @@ def flag(name: str, value) -> bool:
     raise TypeError(f"{name} must be True or False, got {_describe(value)}")
 
 
+def _plain_box(box) -> bool:
+    return (
+        type(box) in (tuple, list)
+        and len(box) == 2
+        and all(
+            type(c) in (tuple, list) and len(c) == 3 and all(type(x) in (float, int) and math.isfinite(x) for x in c)
+            for c in box
+        )
+    )
+
+
 def check_box(box):
     """``box`` as ``([lo0, lo1, lo2], [hi0, hi1, hi2])`` (floats, index space), or None.
 
@@ -129,6 +145,8 @@ def check_box(box):
     """
     if box is None:
         return None
+    if _plain_box(box):  # fast path: two lists/tuples of three finite Python numbers
+        return [float(x) for x in box[0]], [float(x) for x in box[1]]
     if isinstance(box, torch.Tensor):
         if box.device.type != "cpu":
             raise TypeError(
@@ -265,21 +283,13 @@ def check_ray_ids(ray_ids, n_rays: int) -> None:
 PRECISION_FRACTION = 0.01
 
 
-def warn_float32_precision(source: torch.Tensor, target: torch.Tensor, affine: torch.Tensor) -> None:
-    """Warn when float32 ray ends are so far from the origin that their rounding exceeds 1% of a voxel.
-
-    float32 has 24 significant bits: at 1e9 mm a coordinate is only known to 64 mm. Checked on
-    CPU tensors only (reading CUDA tensors would synchronise).
-    """
-    if source.dtype != torch.float32 or source.device.type != "cpu" or affine.device.type != "cpu":
+def warn_float32_precision(top: float, affine: torch.Tensor, dtype: torch.dtype) -> None:
+    """Warn when float32 ray ends reach ``top`` mm, so far from the origin that their rounding
+    exceeds 1% of a voxel (float32 has 24 significant bits: at 1e9 mm a coordinate is only known
+    to 64 mm). ``finite_ray_ends`` calls it for CPU rays (reading CUDA rays would synchronise)."""
+    if dtype != torch.float32 or affine.device.type != "cpu" or not math.isfinite(top):
         return
-    if not target.numel():
-        return
-    top = max(
-        float(source.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()),
-        float(target.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()),
-    )
-    spacing = float(affine.detach().double()[:3, :3].norm(dim=0).min())
+    spacing = _cached(affine, "spacing", lambda a: float(a.detach().double()[:3, :3].norm(dim=0).min()))
     resolution = top * 2.0**-23
     if resolution > PRECISION_FRACTION * spacing:
         warnings.warn(
@@ -303,7 +313,8 @@ def _far_end(base: torch.Tensor, end: torch.Tensor, centre: torch.Tensor, radius
 
 
 def finite_ray_ends(source: torch.Tensor, target: torch.Tensor, affine: torch.Tensor, shape):
-    """``(source, target)`` with each infinite ray end (a point at infinity) made finite, on the CPU.
+    """``(source, target)`` with each infinite ray end (a point at infinity) made finite, on the CPU
+    (where it also warns about float32 precision far from the origin: ``warn_float32_precision``).
 
     A coordinate of +-inf names a direction: the unit vector of the signs of the infinite
     coordinates. Such an end becomes ``other_end + u * R`` with ``R`` larger than the distance from
@@ -312,7 +323,12 @@ def finite_ray_ends(source: torch.Tensor, target: torch.Tensor, affine: torch.Te
     with both ends infinite, or a NaN coordinate, gives NaN. Rays on other devices are returned
     unchanged (finding infinite ends there would synchronise; docs/errors.md): give finite ends.
     """
-    if target.device.type != "cpu" or not (bool(torch.isinf(target).any()) or bool(torch.isinf(source).any())):
+    if target.device.type != "cpu" or not target.numel():
+        return source, target
+    # Largest |coordinate| (inf if an end is infinite): numpy views of the CPU tensors, no copies.
+    top = max(max(float(x.max()), -float(x.min())) for x in (source.detach().numpy(), target.detach().numpy()))
+    warn_float32_precision(top, affine, target.dtype)
+    if top != float("inf"):
         return source, target
     a = affine.detach().to("cpu", torch.float64)
     half = torch.tensor([(n - 1) / 2 for n in shape], dtype=torch.float64)
@@ -390,7 +406,7 @@ def render_arguments(density, affine, source, target, *, mask, n_channels, step,
     if density.dim() == 3 and density.numel() == 0:
         raise ValueError(f"density must have at least one voxel along each axis, got shape {tuple(density.shape)}")
     if affine.device.type == "cpu" and tuple(affine.shape) == (4, 4):
-        check_affine("affine", affine)
+        _cached(affine, "valid affine", lambda a: check_affine("affine", a) is not None)  # once per edit
     step = None if step is None else positive("step", step, "a positive number of mm")
     n_samples = None if n_samples is None else count("n_samples", n_samples)
     box = check_box(box)
@@ -404,7 +420,6 @@ def render_arguments(density, affine, source, target, *, mask, n_channels, step,
                 n_channels = hi + 1
         if n_channels is not None:
             n_channels = count("n_channels", n_channels)
-    warn_float32_precision(source, target, affine)
     batch, n_rays = target.shape[0], target.shape[1]
     channels = 1 if mask is None else (n_channels or 1)
     _limits.check_bytes(
