@@ -518,3 +518,29 @@ def test_giant_phantom_is_refused_before_allocating():
     with pytest.raises(ValueError, match=r"load_example_ct\(shape=\(5000, 5000, 5000\)\) needs about .* bytes"):
         load_example_ct(shape=(5000, 5000, 5000))
     assert time.perf_counter() - start < 5.0
+
+
+# Mechanism: every content check skips CUDA tensors or is cached; run with --device cuda.
+def test_the_checks_add_no_host_synchronisation_on_cuda(device):
+    if device.type != "cuda":
+        pytest.skip("needs --device cuda")
+    from tritondrr import _validate
+
+    density, affine = torch.rand(8, 8, 8, device=device), torch.eye(4, device=device)
+    source, target = torch.zeros(1, 1, 3, device=device), torch.rand(1, 16, 3, device=device)
+    mask = torch.zeros(8, 8, 8, dtype=torch.long, device=device)
+    assert _validate.known_nonnegative(density)  # the one read, cached until the density is edited
+    ray_ids = torch.arange(16, device=device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _validate.render_arguments(
+            density, affine, source, target, mask=mask, n_channels=2, step=None, n_samples=16,
+            box=([-1.0] * 3, [8.0] * 3), ray_ids=ray_ids,
+        )  # fmt: skip
+        _validate.finite_ray_ends(source, target, affine, density.shape)
+        assert _validate.known_nonnegative(density)
+        _validate.check_pose_parameters(torch.zeros(1, 4, device=device), torch.zeros(1, 3, device=device), "quaternion")
+        _validate.check_calibration(torch.eye(4, device=device), 1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
