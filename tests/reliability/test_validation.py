@@ -540,7 +540,8 @@ def test_the_checks_add_no_host_synchronisation_on_cuda(device):
         )  # fmt: skip
         _validate.finite_ray_ends(source, target, affine, density.shape)
         assert _validate.known_nonnegative(density)
-        _validate.check_pose_parameters(torch.zeros(1, 4, device=device), torch.zeros(1, 3, device=device), "quaternion")
+        quaternion, translation = torch.zeros(1, 4, device=device), torch.zeros(1, 3, device=device)
+        _validate.check_pose_parameters(quaternion, translation, "quaternion")
         _validate.check_calibration(torch.eye(4, device=device), 1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
