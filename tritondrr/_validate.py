@@ -40,6 +40,7 @@ __all__ = [
     "warn_float32_precision",
     "finite_ray_ends",
     "known_nonnegative",
+    "clamp_if_nonnegative",
     "render_arguments",
     "drr_arguments",
     "drr_labels",
@@ -377,12 +378,26 @@ def _cached(tensor: torch.Tensor, name: str, compute):
     return value
 
 
-def known_nonnegative(density: torch.Tensor) -> bool:
-    """Whether every voxel of ``density`` is >= 0 (cached, ``_cached``). False, unchecked, while
-    the density requires grad (a volume being optimised changes at every step)."""
+def known_nonnegative(density: torch.Tensor):
+    """Whether every voxel of ``density`` is >= 0 (cached, ``_cached``): a bool for CPU tensors, a
+    0-d bool tensor on other devices (never read on the host: no synchronisation). False,
+    unchecked, while the density requires grad (a volume being optimised changes at every step)."""
     if density.requires_grad:
         return False
-    return _cached(density, "nonnegative", lambda d: bool((d >= 0).all()) if d.numel() else True)
+    if density.device.type == "cpu":
+        return _cached(density, "nonnegative", lambda d: bool((d >= 0).all()) if d.numel() else True)
+    return _cached(density, "nonnegative", lambda d: (d >= 0).all())
+
+
+def clamp_if_nonnegative(integral: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
+    """``integral`` clamped at 0 when ``density`` is non-negative (docs/errors.md: the sampled
+    renderer's end correction can undershoot with an end inside the volume); unchanged otherwise."""
+    flag = known_nonnegative(density)
+    if flag is False:
+        return integral
+    if flag is True:
+        return integral.clamp_min(0.0)
+    return torch.where(flag, integral.clamp_min(0.0), integral)
 
 
 def label_range(mask: torch.Tensor) -> tuple[int, int]:

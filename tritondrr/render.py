@@ -164,6 +164,5 @@ def render(
         density, src, tgt, box=box, labels=mask, n_channels=n_channels, soft_labels=soft_labels, sampling=sampling
     )
     length_mm = (target - source).norm(dim=-1)  # [B, N]
-    if _validate.known_nonnegative(density):  # cached per volume edit; docs/errors.md: end correction
-        integral = integral.clamp_min(0.0)
+    integral = _validate.clamp_if_nonnegative(integral, density)  # docs/errors.md: the end correction
     return integral * length_mm[:, None, :]

@@ -529,7 +529,7 @@ def test_the_checks_add_no_host_synchronisation_on_cuda(device):
     density, affine = torch.rand(8, 8, 8, device=device), torch.eye(4, device=device)
     source, target = torch.zeros(1, 1, 3, device=device), torch.rand(1, 16, 3, device=device)
     mask = torch.zeros(8, 8, 8, dtype=torch.long, device=device)
-    assert _validate.known_nonnegative(density)  # the one read, cached until the density is edited
+    flag = _validate.known_nonnegative(density)  # a device tensor: computed without reading it on the host
     ray_ids = torch.arange(16, device=device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -539,9 +539,12 @@ def test_the_checks_add_no_host_synchronisation_on_cuda(device):
             box=([-1.0] * 3, [8.0] * 3), ray_ids=ray_ids,
         )  # fmt: skip
         _validate.finite_ray_ends(source, target, affine, density.shape)
-        assert _validate.known_nonnegative(density)
+        assert _validate.known_nonnegative(density) is flag  # cached
+        clamped = _validate.clamp_if_nonnegative(torch.full((1, 1, 16), -1.0, device=device), density)
+        kept = _validate.clamp_if_nonnegative(torch.full((1, 1, 16), -1.0, device=device), density - 0.5)
         quaternion, translation = torch.zeros(1, 4, device=device), torch.zeros(1, 3, device=device)
         _validate.check_pose_parameters(quaternion, translation, "quaternion")
         _validate.check_calibration(torch.eye(4, device=device), 1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(clamped.cpu(), torch.zeros(1, 1, 16)) and torch.equal(kept.cpu(), torch.full((1, 1, 16), -1.0))
