@@ -32,16 +32,16 @@ import numpy as np
 import torch
 
 __all__ = [
+    "MU_WATER_60KEV",
     "Image",
     "Subject",
-    "load_example_ct",
-    "transform_hu_to_density",
-    "hu_to_density",
-    "hu_to_attenuation",
     "beer_lambert",
+    "hu_to_attenuation",
+    "hu_to_density",
+    "load_example_ct",
     "read",
+    "transform_hu_to_density",
     "write_nrrd",
-    "MU_WATER_60KEV",
 ]
 
 #: Linear attenuation of water at 60 keV in 1/mm. NIST XCOM / NIST X-ray mass attenuation tables
@@ -677,10 +677,11 @@ def _finish(subject: Subject, fiducials, transform, center_volume, resample_targ
             raise TypeError(f"transform must be a RigidTransform or a (4, 4) tensor, got {type(transform).__name__}")
         T = T.detach().reshape(-1, 4, 4)[0].to("cpu", torch.float64)
         affine = T @ affine
-    if fiducials is not None:
-        if not isinstance(fiducials, torch.Tensor) or fiducials.shape[-1] != 3 or fiducials.dim() not in (2, 3):
-            shape = tuple(fiducials.shape) if isinstance(fiducials, torch.Tensor) else type(fiducials).__name__
-            raise ValueError(f"fiducials must be a (N, 3) or (1, N, 3) tensor of world mm, got {shape}")
+    if fiducials is not None and (
+        not isinstance(fiducials, torch.Tensor) or fiducials.shape[-1] != 3 or fiducials.dim() not in (2, 3)
+    ):
+        shape = tuple(fiducials.shape) if isinstance(fiducials, torch.Tensor) else type(fiducials).__name__
+        raise ValueError(f"fiducials must be a (N, 3) or (1, N, 3) tensor of world mm, got {shape}")
     if center_volume:
         centred = _centered(affine, subject.shape)
         if fiducials is not None:  # the same shift moves the fiducials
