@@ -103,3 +103,12 @@ def test_resample_identity_and_integer_shift():
     zoom = resample(img, 1000.0, 2.0, new_focal_len=2000.0)  # the central half, enlarged
     assert zoom.shape == img.shape
     assert math.isclose(float(zoom.mean()), float(img[..., 3:9, 2:8].mean()), rel_tol=0.15)
+
+
+@pytest.mark.parametrize("name", ["tritondrr.pose", "tritondrr.utils", "tritondrr.data"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), extraglobs={"torch": torch})
+    assert result.attempted > 0 and result.failed == 0
