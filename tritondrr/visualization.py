@@ -220,13 +220,14 @@ def drr_to_mesh(subject, method: str, threshold: float = 150, extract_largest: b
         grid.point_data["values"] = (values > threshold).astype(np.uint8)
         mesh = _contour_labels(pyvista, grid, verbose)
     mesh = mesh.transform(_affine(subject.volume), inplace=False)
-    if extract_largest:
-        mesh = mesh.extract_largest(progress_bar=verbose)
+    if extract_largest:  # in place keeps the PolyData type the smoothing filters need
+        mesh.extract_largest(inplace=True, progress_bar=verbose)
     mesh.point_data.clear()
     mesh.cell_data.clear()
     mesh = _smooth_and_clean(mesh, verbose, decimate=method == "marching_cubes")
-    mesh = mesh.fill_holes(100, progress_bar=verbose)
-    return mesh.clean(progress_bar=verbose)
+    mesh.fill_holes(100, inplace=True, progress_bar=verbose)
+    mesh.clean(inplace=True, progress_bar=verbose)
+    return mesh
 
 
 def labelmap_to_mesh(subject, verbose: bool = True):
@@ -238,7 +239,7 @@ def labelmap_to_mesh(subject, verbose: bool = True):
     grid = pyvista.ImageData(dimensions=labels.shape, spacing=(1, 1, 1), origin=(0, 0, 0))
     grid.point_data["values"] = labels.flatten(order="F")
     mesh = _smooth_and_clean(_contour_labels(pyvista, grid, verbose), verbose, decimate=False)
-    mesh = mesh.clean(progress_bar=verbose)
+    mesh.clean(inplace=True, progress_bar=verbose)
     return mesh.transform(_affine(subject.mask), inplace=False)
 
 

@@ -109,3 +109,23 @@ def test_detector_points_match_the_reference_geometry():
     np.testing.assert_allclose(source, [0, 850, 0], atol=1e-4)
     np.testing.assert_allclose(target.mean(axis=(0, 1)), [0, -170, 0], atol=1e-3)  # CONVENTIONS.md
     assert target.shape == (5, 5, 3)
+
+
+def test_meshes_with_the_extra_installed():
+    pyvista = pytest.importorskip("pyvista")
+    pyvista.OFF_SCREEN = True
+    subject = td.load_example_ct(shape=(24, 24, 16))
+    bounds = np.asarray(subject.volume.get_bounds())
+    slack = np.asarray(subject.volume.spacing)[:, None] * np.array([-0.5, 0.5])  # smoothing may bulge by < 1/2 voxel
+    for mesh in (visualization.drr_to_mesh(subject, "marching_cubes", verbose=False),
+                 visualization.labelmap_to_mesh(subject, verbose=False)):
+        b = np.asarray(mesh.bounds).reshape(3, 2)
+        assert mesh.n_points > 0
+        assert (b[:, 0] >= (bounds + slack)[:, 0]).all() and (b[:, 1] <= (bounds + slack)[:, 1]).all()
+    drr = td.DRR(subject, sdd=1020.0, height=6, delx=50.0, huge_pages=False)
+    pose = td.convert(torch.zeros(1, 3), torch.tensor([[0.0, 850.0, 0.0]]), parameterization="euler_angles",
+                      convention="ZXY")
+    camera, detector, _, ray = visualization.img_to_mesh(drr, pose)
+    np.testing.assert_allclose(camera.points[4], [0, 850, 0], atol=1e-3)  # the source
+    assert detector.dimensions == (6, 6, 1)
+    np.testing.assert_allclose(ray.points[-1], [0, -170, 0], atol=1e-2)  # the detector centre (CONVENTIONS.md)
