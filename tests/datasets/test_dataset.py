@@ -2,17 +2,22 @@
 
 import pickle
 
-import numpy as np
 import nrrd
+import numpy as np
 import pytest
 import torch
 
 import tritondrr as td
 from tritondrr.cli import main
-from tritondrr.datasets import DRRDataset, FixedPoseSampler, ShardDataset, UniformPoseSampler
+from tritondrr.datasets import (
+    DRRDataset,
+    FixedPoseSampler,
+    ShardDataset,
+    UniformPoseSampler,
+)
 
 SHAPE = (32, 32, 24)
-GEOMETRY = dict(sdd=1020.0, height=16, delx=25.0)
+GEOMETRY = {"sdd": 1020.0, "height": 16, "delx": 25.0}
 N_SAMPLES = 48
 
 
@@ -82,7 +87,8 @@ def test_subject_paths_are_read_lazily(tmp_path, small_phantom):
     path = tmp_path / "ct.nrrd"
     spacing = small_phantom.spacing.tolist()
     nrrd.write(
-        str(path), small_phantom.volume.numpy(),
+        str(path),
+        small_phantom.volume.numpy(),
         {"space": "right-anterior-superior", "space directions": np.diag(spacing), "space origin": np.zeros(3)},
     )
     sampler = UniformPoseSampler(seed=4)
@@ -133,8 +139,24 @@ def test_errors(phantom):
 def test_shard_dataset_reads_generated_data(tmp_path, phantom):
     out = tmp_path / "data"
     args = [
-        "generate", str(out), "--phantom-shape", *map(str, SHAPE), "--poses", "10", "--height", "16",
-        "--delx", "25", "--shard-size", "4", "--seed", "5", "--n-samples", str(N_SAMPLES), "--batch-size", "3",
+        "generate",
+        str(out),
+        "--phantom-shape",
+        *map(str, SHAPE),
+        "--poses",
+        "10",
+        "--height",
+        "16",
+        "--delx",
+        "25",
+        "--shard-size",
+        "4",
+        "--seed",
+        "5",
+        "--n-samples",
+        str(N_SAMPLES),
+        "--batch-size",
+        "3",
     ]
     assert main(args) == 0
     shards = ShardDataset(out)

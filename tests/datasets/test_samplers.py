@@ -19,7 +19,8 @@ from tritondrr.datasets.samplers import index_seed
 def zxy_pose(rotations_deg, translations):
     """Independent oracle: E = [R | R t] with R = Rz(a0) Rx(a1) Ry(a2), float64 (CONVENTIONS.md)."""
     out = []
-    for (a0, a1, a2), t in zip(np.deg2rad(np.asarray(rotations_deg, dtype=np.float64)), np.asarray(translations, dtype=np.float64)):
+    angles = np.deg2rad(np.asarray(rotations_deg, dtype=np.float64))
+    for (a0, a1, a2), t in zip(angles, np.asarray(translations, dtype=np.float64)):
         c, s = math.cos(a0), math.sin(a0)
         rz = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
         c, s = math.cos(a1), math.sin(a1)

@@ -109,10 +109,16 @@ class DRRDataset(torch.utils.data.Dataset):
         self.poses_per_subject = _count("poses_per_subject", poses_per_subject)
         self.batch_size = _count("batch_size", batch_size)
         self.cache_size = _count("cache_size", cache_size)
-        self.geometry = dict(
-            sdd=float(sdd), height=int(height), width=int(height if width is None else width), delx=float(delx),
-            dely=float(delx if dely is None else dely), x0=float(x0), y0=float(y0), reverse_x_axis=bool(reverse_x_axis),
-        )
+        self.geometry = {
+            "sdd": float(sdd),
+            "height": int(height),
+            "width": int(height if width is None else width),
+            "delx": float(delx),
+            "dely": float(delx if dely is None else dely),
+            "x0": float(x0),
+            "y0": float(y0),
+            "reverse_x_axis": bool(reverse_x_axis),
+        }
         self.drr_kwargs = dict(drr_kwargs)
         self.device = None if device is None else torch.device(device)
         self._drrs = collections.OrderedDict()

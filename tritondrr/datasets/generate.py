@@ -73,11 +73,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.error = one_line_error
     parser.add_argument("out", metavar="OUT", help="output directory (created; a rerun completes it)")
     parser.add_argument(
-        "--subjects", nargs="+", metavar="FILE", default=None,
+        "--subjects",
+        nargs="+",
+        metavar="FILE",
+        default=None,
         help="CT volumes in HU (.nrrd, .nhdr, .nii, .nii.gz). Default: the built-in chest phantom",
     )
     parser.add_argument(
-        "--phantom-shape", nargs=3, type=int, metavar=("I", "J", "K"), default=None,
+        "--phantom-shape",
+        nargs=3,
+        type=int,
+        metavar=("I", "J", "K"),
+        default=None,
         help="voxels of the built-in phantom (default 256 256 133)",
     )
     parser.add_argument("--poses", type=int, default=None, help="poses per subject (default: all of --pose-file)")
@@ -89,28 +96,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="pose seed; pose g is a function of (seed, g) (default: 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="poses per render call (default: 16)")
     parser.add_argument(
-        "--device", default=None,
+        "--device",
+        default=None,
         help="cpu, cuda, cuda:1, ... (default: cuda:LOCAL_RANK when CUDA is available, else cpu)",
     )
     parser.add_argument(
-        "--backend", choices=("auto", "torch", "triton"), default="auto",
+        "--backend",
+        choices=("auto", "torch", "triton"),
+        default="auto",
         help="auto: Triton kernels on CUDA, PyTorch elsewhere (default: auto)",
     )
-    parser.add_argument("--sampler", choices=("uniform", "normal"), default=None, help="pose distribution (default: uniform)")
-    parser.add_argument("--view", choices=("AP", "PA"), default="AP", help="centre view; PA turns r1 by 180 deg (default: AP)")
+    parser.add_argument(
+        "--sampler", choices=("uniform", "normal"), default=None, help="pose distribution (default: uniform)"
+    )
+    parser.add_argument(
+        "--view", choices=("AP", "PA"), default="AP", help="centre view; PA turns r1 by 180 deg (default: AP)"
+    )
     for name, what in (("r1", "deg"), ("r2", "deg"), ("r3", "deg"), ("tx", "mm"), ("ty", "mm"), ("tz", "mm")):
         parser.add_argument(
-            f"--{name}", nargs=2, type=float, metavar=("A", "B"), default=None,
+            f"--{name}",
+            nargs=2,
+            type=float,
+            metavar=("A", "B"),
+            default=None,
             help=f"{what}: LO HI (uniform) or MEAN STD (normal)",
         )
     parser.add_argument(
-        "--pose-file", metavar="F", default=None,
+        "--pose-file",
+        metavar="F",
+        default=None,
         help="poses to render instead of a sampler: .npy/.pt (N, 4, 4) world matrices or (N, 6) "
         "ZXY degrees + mm rows, .npz with 'poses', .txt/.csv with 16 or 6 numbers a line",
     )
-    parser.add_argument("--n-samples", type=int, default=None, help="samples per ray (default: from the volume's voxel size)")
     parser.add_argument(
-        "--no-compile", action="store_true",
+        "--n-samples", type=int, default=None, help="samples per ray (default: from the volume's voxel size)"
+    )
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
         help="do not compile the CPU ray marcher with torch.compile (the library default compiles: "
         "10-60 s once per process, then several times faster)",
     )
@@ -220,8 +243,14 @@ def _settings(args):
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "geometry": {
-            "sdd": args.sdd, "height": height, "width": args.width or height, "delx": args.delx,
-            "dely": args.delx, "x0": 0.0, "y0": 0.0, "reverse_x_axis": True,
+            "sdd": args.sdd,
+            "height": height,
+            "width": args.width or height,
+            "delx": args.delx,
+            "dely": args.delx,
+            "x0": 0.0,
+            "y0": 0.0,
+            "reverse_x_axis": True,
         },
         "n_samples": args.n_samples,
         "subjects": subjects,
@@ -265,7 +294,9 @@ def shard_is_complete(path: Path, first: int, count: int, fingerprint: str, imag
     hash, the pose indices, and the images' header and byte size; it does not read the images."""
     import numpy as np
 
-    names = {"images.npy", "pose_index.npy", "poses.npy", "settings.npy"} | ({"subject_index.npy"} if several else set())
+    names = {"images.npy", "pose_index.npy", "poses.npy", "settings.npy"}
+    if several:
+        names.add("subject_index.npy")
     try:
         with zipfile.ZipFile(path) as z:
             if not names <= set(z.namelist()):
@@ -279,13 +310,20 @@ def shard_is_complete(path: Path, first: int, count: int, fingerprint: str, imag
             info = z.getinfo("images.npy")
             with z.open(info) as f:
                 version = np.lib.format.read_magic(f)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                fmt = np.lib.format
+                read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
                 shape, _, dtype = read_header(f)
                 header = f.tell()
             expected = (count, *image_shape)
             return shape == expected and dtype == np.float32 and info.file_size == header + 4 * math.prod(expected)
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
         return False
+
+
+def _complete(out: Path, s: int, settings: dict, fingerprint: str) -> bool:
+    first, end = _shard_range(s, settings)
+    several = len(settings["subjects"]) > 1
+    return shard_is_complete(out / shard_name(s), first, end - first, fingerprint, settings["image_shape"], several)
 
 
 def _write_shard(out: Path, s: int, arrays: dict) -> None:
@@ -312,19 +350,18 @@ def _scan(out: Path, settings: dict, fingerprint: str) -> tuple[list[int], int, 
             old = None
         if old is not None and old != settings:
             keys = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            return [], 0, (
-                f"OUT {str(out)!r} holds a dataset made with other settings (different: {', '.join(keys)}); "
-                "choose another OUT or repeat the original command"
+            return (
+                [],
+                0,
+                (
+                    f"OUT {str(out)!r} holds a dataset made with other settings (different: {', '.join(keys)}); "
+                    "choose another OUT or repeat the original command"
+                ),
             )
     for stray in out.glob(".shard-*.tmp"):  # left by a killed run; never a shard of this run yet
         stray.unlink(missing_ok=True)
-    several = len(settings["subjects"]) > 1
     n_shards = -(-settings["total"] // settings["shard_size"])
-    todo = []
-    for s in range(n_shards):
-        first, end = _shard_range(s, settings)
-        if not shard_is_complete(out / shard_name(s), first, end - first, fingerprint, settings["image_shape"], several):
-            todo.append(s)
+    todo = [s for s in range(n_shards) if not _complete(out, s, settings, fingerprint)]
     return todo, n_shards - len(todo), None
 
 
@@ -417,10 +454,22 @@ def run(args, parser=None) -> int:
         ]
         geometry = settings["geometry"]
         dataset = DRRDataset(
-            subjects, sampler, settings["poses_per_subject"], sdd=geometry["sdd"], height=geometry["height"],
-            width=geometry["width"], delx=geometry["delx"], dely=geometry["dely"], x0=geometry["x0"],
-            y0=geometry["y0"], reverse_x_axis=geometry["reverse_x_axis"], device=device,
-            batch_size=args.batch_size, cache_size=2, backend=args.backend, n_samples=settings["n_samples"],
+            subjects,
+            sampler,
+            settings["poses_per_subject"],
+            sdd=geometry["sdd"],
+            height=geometry["height"],
+            width=geometry["width"],
+            delx=geometry["delx"],
+            dely=geometry["dely"],
+            x0=geometry["x0"],
+            y0=geometry["y0"],
+            reverse_x_axis=geometry["reverse_x_axis"],
+            device=device,
+            batch_size=args.batch_size,
+            cache_size=2,
+            backend=args.backend,
+            n_samples=settings["n_samples"],
         )
         several = len(subjects) > 1
         count = sum(_shard_range(s, settings)[1] - _shard_range(s, settings)[0] for s in mine)
@@ -471,12 +520,11 @@ def _finish(out, settings, fingerprint, rendered, seconds, world, device, alread
     import numpy as np
     import torch
 
-    several = len(settings["subjects"]) > 1
     n_shards = -(-settings["total"] // settings["shard_size"])
     shards = []
     for s in range(n_shards):
         first, end = _shard_range(s, settings)
-        if not shard_is_complete(out / shard_name(s), first, end - first, fingerprint, settings["image_shape"], several):
+        if not _complete(out, s, settings, fingerprint):
             print(f"tritondrr generate: error: {shard_name(s)} is missing or incomplete after the run", file=sys.stderr)
             return 1
         shards.append({"file": shard_name(s), "first": first, "count": end - first})
@@ -497,12 +545,18 @@ def _finish(out, settings, fingerprint, rendered, seconds, world, device, alread
         "layout": "pose index g: subject g // poses_per_subject at sampler pose g; shard s: g in [s K, (s+1) K)",
         "shards": shards,
         "versions": {
-            "tritondrr": version, "torch": torch.__version__, "numpy": np.__version__,
+            "tritondrr": version,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
             "python": platform.python_version(),
         },
         "last_run": {
-            "world_size": world, "device": str(device), "rendered": rendered, "already_complete_shards": already,
-            "seconds": round(seconds, 3), "drrs_per_second": round(rate, 3),
+            "world_size": world,
+            "device": str(device),
+            "rendered": rendered,
+            "already_complete_shards": already,
+            "seconds": round(seconds, 3),
+            "drrs_per_second": round(rate, 3),
         },
     }
     tmp = out / f".{MANIFEST}.{os.getpid()}.tmp"

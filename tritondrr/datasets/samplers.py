@@ -47,11 +47,11 @@ from ..pose import RigidTransform, convert
 
 __all__ = [
     "CONVENTION",
+    "SAMPLERS",
     "VIEWS",
     "FixedPoseSampler",
     "NormalPoseSampler",
     "PoseSampler",
-    "SAMPLERS",
     "UniformPoseSampler",
     "index_seed",
     "load_pose_file",
@@ -124,9 +124,6 @@ class PoseSampler:
     """
 
     name = "base"
-
-    def __len__(self) -> int | None:  # number of distinct poses, None for unbounded samplers
-        return None
 
     def parameters(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -277,7 +274,9 @@ class FixedPoseSampler(PoseSampler):
                 matrices[:, :3], matrices[:, 3:], parameterization="euler_angles", convention=CONVENTION, degrees=True
             ).matrix
         if matrices.dim() != 3 or matrices.shape[1:] != (4, 4) or len(matrices) == 0:
-            raise ValueError(f"poses must be (N, 4, 4) matrices or (N, 6) Euler rows with N >= 1, got {tuple(matrices.shape)}")
+            raise ValueError(
+                f"poses must be (N, 4, 4) matrices or (N, 6) Euler rows with N >= 1, got {tuple(matrices.shape)}"
+            )
         if not torch.isfinite(matrices).all():
             raise ValueError("poses must be finite")
         self.matrices, self.source = matrices, source
