@@ -157,12 +157,16 @@ def test_torchrun_gives_the_same_dataset(reference, tmp_path, nproc):
     assert not list(out.glob(".*tmp"))
 
 
-def test_deleted_shard_is_regenerated_and_others_untouched(reference, tmp_path, capsys):
+@pytest.mark.parametrize("batch_size", ["3", "1"])
+def test_deleted_shard_is_regenerated_and_others_untouched(reference, tmp_path, capsys, batch_size):
+    """The rerun rebuilds the same bytes, also with another --batch-size (not part of the settings)."""
     out = copy(reference, tmp_path)
     before = mtimes(out)
     (out / "shard-000003.npz").unlink()
     time.sleep(0.01)
-    code, _ = run_cli(["generate", str(out), *BASE], capsys)
+    argv = ["generate", str(out), *BASE]
+    argv[argv.index("--batch-size") + 1] = batch_size
+    code, _ = run_cli(argv, capsys)
     assert code == 0
     after = mtimes(out)
     assert sorted(after) == sorted(before)
@@ -304,6 +308,13 @@ def test_pose_file_and_several_subjects(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sampler"]["name"] == "file" and manifest["poses_per_subject"] == 3
     assert [s["path"] for s in manifest["subjects"]] == [str(p) for p in paths]
+    # --poses N < the file's rows: the first N poses, for every subject.
+    argv[argv.index(str(out))] = str(tmp_path / "first2")
+    code, _ = run_cli([*argv, "--poses", "2"], capsys)
+    assert code == 0
+    short = load(tmp_path / "first2")
+    short_poses = np.concatenate([a["poses"] for _, a in sorted(short.items())])
+    np.testing.assert_array_equal(short_poses, np.concatenate([poses[:2], poses[:2]]))
 
 
 @pytest.fixture

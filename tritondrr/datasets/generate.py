@@ -159,7 +159,7 @@ def _settings(args):
     import torch
 
     from ..phantom import EXAMPLE_SHAPE
-    from .samplers import SAMPLERS, load_pose_file
+    from .samplers import SAMPLERS, FixedPoseSampler, load_pose_file
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -197,8 +197,10 @@ def _settings(args):
         poses = len(sampler) if args.poses is None else args.poses
         if poses > len(sampler):
             raise ArgumentError(f"--poses {poses} exceeds the {len(sampler)} poses of --pose-file {args.pose_file!r}")
+        # The first N poses; every subject is rendered at each of them.
+        sampler = FixedPoseSampler(sampler.matrices[:poses], source=sampler.source)
         spec = sampler.to_dict()
-        spec["sha256"] = hashlib.sha256(sampler.matrices[:poses].numpy().tobytes()).hexdigest()
+        spec["sha256"] = hashlib.sha256(sampler.matrices.numpy().tobytes()).hexdigest()
     else:
         if args.poses is None:
             raise ArgumentError("--poses is required (poses per subject) unless --pose-file is given")
@@ -358,8 +360,9 @@ def _scan(out: Path, settings: dict, fingerprint: str) -> tuple[list[int], int, 
                     "choose another OUT or repeat the original command"
                 ),
             )
-    for stray in out.glob(".shard-*.tmp"):  # left by a killed run; never a shard of this run yet
-        stray.unlink(missing_ok=True)
+    for pattern in (".shard-*.tmp", f".{MANIFEST}.*.tmp"):  # left by a killed run, not by this one
+        for stray in out.glob(pattern):
+            stray.unlink(missing_ok=True)
     n_shards = -(-settings["total"] // settings["shard_size"])
     todo = [s for s in range(n_shards) if not _complete(out, s, settings, fingerprint)]
     return todo, n_shards - len(todo), None
