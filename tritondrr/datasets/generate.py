@@ -87,16 +87,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="voxels of the built-in phantom (default 256 256 133)",
     )
-    parser.add_argument("--poses", type=int, default=None, help="poses per subject (default: all of --pose-file)")
-    parser.add_argument("--height", type=int, default=256, help="detector rows (default: 256)")
-    parser.add_argument("--width", type=int, default=None, help="detector columns (default: --height)")
-    parser.add_argument("--delx", type=float, default=1.6, help="pixel size in mm (default: 1.6)")
-    parser.add_argument("--sdd", type=float, default=1020.0, help="source-to-detector distance in mm (default: 1020)")
-    parser.add_argument("--shard-size", type=int, default=256, help="DRRs per shard file (default: 256)")
-    parser.add_argument("--seed", type=int, default=0, help="pose seed; pose g is a function of (seed, g) (default: 0)")
-    parser.add_argument("--batch-size", type=int, default=16, help="poses per render call (default: 16)")
+    parser.add_argument(
+        "--poses", metavar="N", type=int, default=None, help="poses per subject (default: all of --pose-file)"
+    )
+    parser.add_argument("--height", metavar="H", type=int, default=256, help="detector rows (default: 256)")
+    parser.add_argument("--width", metavar="W", type=int, default=None, help="detector columns (default: --height)")
+    parser.add_argument("--delx", metavar="MM", type=float, default=1.6, help="pixel size in mm (default: 1.6)")
+    parser.add_argument(
+        "--sdd", metavar="MM", type=float, default=1020.0, help="source-to-detector distance in mm (default: 1020)"
+    )
+    parser.add_argument("--shard-size", metavar="K", type=int, default=256, help="DRRs per shard file (default: 256)")
+    parser.add_argument(
+        "--seed", metavar="SEED", type=int, default=0, help="pose seed; pose g is a function of (seed, g) (default: 0)"
+    )
+    parser.add_argument("--batch-size", metavar="B", type=int, default=16, help="poses per render call (default: 16)")
     parser.add_argument(
         "--device",
+        metavar="DEVICE",
         default=None,
         help="cpu, cuda, cuda:1, ... (default: cuda:LOCAL_RANK when CUDA is available, else cpu)",
     )
@@ -129,7 +136,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ZXY degrees + mm rows, .npz with 'poses', .txt/.csv with 16 or 6 numbers a line",
     )
     parser.add_argument(
-        "--n-samples", type=int, default=None, help="samples per ray (default: from the volume's voxel size)"
+        "--n-samples",
+        metavar="S",
+        type=int,
+        default=None,
+        help="samples per ray (default: from the volume's voxel size)",
     )
     parser.add_argument(
         "--no-compile",
