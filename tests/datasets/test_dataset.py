@@ -1,5 +1,7 @@
 """DRRDataset (on-the-fly rendering) and ShardDataset (generated shards) against direct DRR renders."""
 
+import doctest
+import importlib
 import pickle
 
 import nrrd
@@ -174,3 +176,9 @@ def test_shard_dataset_reads_generated_data(tmp_path, phantom):
     loader = torch.utils.data.DataLoader(shards, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
     seen = torch.cat([b["pose_index"] for b in loader])
     assert sorted(seen.tolist()) == list(range(10))
+
+
+@pytest.mark.parametrize("name", ["tritondrr.datasets.samplers", "tritondrr.datasets.dataset"])
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), extraglobs={"torch": torch})
+    assert result.attempted > 0 and result.failed == 0
