@@ -542,7 +542,7 @@ def _finish(out, settings, fingerprint, rendered, seconds, world, device, alread
             print(f"tritondrr generate: error: {shard_name(s)} is missing or incomplete after the run", file=sys.stderr)
             return 1
         shards.append({"file": shard_name(s), "first": first, "count": end - first})
-    rate = rendered / seconds if seconds > 0 else float("nan")
+    rate = rendered / seconds if seconds > 0 else 0.0
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
