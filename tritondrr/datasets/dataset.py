@@ -73,6 +73,11 @@ class DRRDataset(torch.utils.data.Dataset):
     rendering keep ``num_workers=0`` (the GPU is the worker) or use the "spawn" context.
     A DataLoader fetching a batch calls ``__getitems__``, which renders the batch in one call per
     subject. Images are rendered without autograd.
+
+    Training at scale: under torchrun/DDP give the DataLoader a
+    ``torch.utils.data.DistributedSampler``; each rank renders its indices on its own GPU
+    (``cuda:LOCAL_RANK``). Poses cost nothing to store, so ``poses_per_subject`` may be huge
+    (e.g. 10**9) for an endless stream of distinct, reproducible poses.
     """
 
     def __init__(
