@@ -123,11 +123,14 @@ def main() -> int:
             "shard_size": args.shard_size,
             "batch_size": args.batch_size,
             "compile": args.compile,
+            "omp_threads_1_process": args.threads_per_process,
         },
         "runs": runs,
     }
     os.makedirs(args.out, exist_ok=True)
-    suffix = "-compiled" if args.compile else ""
+    suffix = ("-compiled" if args.compile else "") + (
+        f"-omp{args.threads_per_process}" if args.threads_per_process else ""
+    )
     path = os.path.join(args.out, f"{B.device_slug(device)}-generation{suffix}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
