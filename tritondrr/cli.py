@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         "several times faster; pays off for many renders, not for one)",
     )
     render.set_defaults(func=_render)
+    generate = sub.add_parser(
+        "generate", help="render a sharded DRR dataset (one process, or torchrun -m tritondrr generate)"
+    )
+    from .datasets.generate import add_arguments, run
+
+    add_arguments(generate)
+    generate.set_defaults(func=run)
     return parser
 
 
