@@ -1,0 +1,6 @@
+class RegistrationResult:
+    pass
+
+
+def register():
+    pass
