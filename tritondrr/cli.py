@@ -80,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
         "several times faster; pays off for many renders, not for one)",
     )
     render.set_defaults(func=_render)
+
+    from .registration.command import add_arguments as _register_arguments
+    from .registration.command import run as _register
+
+    register = sub.add_parser(
+        "register",
+        help="register a DRR to an X-ray (default: a self-check on the example phantom)",
+        description="Find the C-arm pose whose DRR matches an X-ray (Adam or Levenberg-Marquardt).",
+    )
+    _register_arguments(register)
+    register.set_defaults(func=_register)
     return parser
 
 
