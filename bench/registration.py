@@ -29,7 +29,9 @@ from pathlib import Path
 
 
 def _parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--output", required=True, help="JSON file to write")
     p.add_argument("--starts", type=int, default=20, help="number of random starts (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the starts (default 0)")
@@ -67,7 +69,7 @@ def _task(args):
     drr = drr.to(args.device)
     true_rot = torch.tensor([[0.0, 0.0, 0.0]], device=args.device)
     true_trans = torch.tensor([[0.0, 850.0, 0.0]], device=args.device)
-    euler = dict(parameterization="euler_angles", convention="ZXY")
+    euler = {"parameterization": "euler_angles", "convention": "ZXY"}
     with torch.no_grad():
         xray = drr(true_rot, true_trans, **euler)
     true_pose = td.convert(true_rot, true_trans, **euler)
@@ -75,7 +77,10 @@ def _task(args):
     starts = []
     for w, dt in zip(perturb, offsets):
         # Rotate the camera about the volume centre by w (after the target rotation); offset t.
-        R = true_pose.rotation.cpu() @ td.convert(w[None].float(), torch.zeros(1, 3), parameterization="axis_angle").rotation
+        R = (
+            true_pose.rotation.cpu()
+            @ td.convert(w[None].float(), torch.zeros(1, 3), parameterization="axis_angle").rotation
+        )
         rot, _ = td.convert(R, torch.zeros(1, 3), parameterization="matrix").convert(**euler)
         starts.append((rot.to(args.device), true_trans + dt[None].float().to(args.device)))
     return drr, xray, true_pose, starts, euler
@@ -100,17 +105,17 @@ def _run_tritondrr(optimizer, drr, xray, true_pose, starts, euler, device):
         rot_err, trans_err = pose_errors(result.pose, true_pose)
         start_rot, start_trans = pose_errors(convert(rot, trans, **euler), true_pose)
         rows.append(
-            dict(
-                start_rotation_error_deg=float(start_rot[0]),
-                start_translation_error_mm=float(start_trans[0]),
-                rotation_error_deg=float(rot_err[0]),
-                translation_error_mm=float(trans_err[0]),
-                success=bool(rot_err[0] < 1.0 and trans_err[0] < 1.0),
-                converged=result.converged,
-                iterations=result.iterations,
-                renders=result.evaluations,
-                time_s=wall,
-            )
+            {
+                "start_rotation_error_deg": float(start_rot[0]),
+                "start_translation_error_mm": float(start_trans[0]),
+                "rotation_error_deg": float(rot_err[0]),
+                "translation_error_mm": float(trans_err[0]),
+                "success": bool(rot_err[0] < 1.0 and trans_err[0] < 1.0),
+                "converged": result.converged,
+                "iterations": result.iterations,
+                "renders": result.evaluations,
+                "time_s": wall,
+            }
         )
         print(f"  {optimizer}: {rows[-1]}", file=sys.stderr)
     return rows
@@ -127,23 +132,23 @@ def _run_peer(name, args, true_pose, starts, euler):
         else:
             import nanodrr  # noqa: F401
     except ImportError as e:
-        return dict(skipped=f"{name} not importable: {e}")
-    return dict(skipped=f"{name} is importable but its row is not implemented in this script yet")
+        return {"skipped": f"{name} not importable: {e}"}
+    return {"skipped": f"{name} is importable but its row is not implemented in this script yet"}
 
 
 def _summary(rows):
     if not rows or "skipped" in rows:
         return rows
     ok = [r for r in rows if r["success"]]
-    return dict(
-        success_rate=len(ok) / len(rows),
-        median_time_s=statistics.median(r["time_s"] for r in rows),
-        mean_time_s=statistics.fmean(r["time_s"] for r in rows),
-        median_iterations=statistics.median(r["iterations"] for r in rows),
-        mean_iterations=statistics.fmean(r["iterations"] for r in rows),
-        median_time_successful_s=statistics.median(r["time_s"] for r in ok) if ok else None,
-        runs=rows,
-    )
+    return {
+        "success_rate": len(ok) / len(rows),
+        "median_time_s": statistics.median(r["time_s"] for r in rows),
+        "mean_time_s": statistics.fmean(r["time_s"] for r in rows),
+        "median_iterations": statistics.median(r["iterations"] for r in rows),
+        "mean_iterations": statistics.fmean(r["iterations"] for r in rows),
+        "median_time_successful_s": statistics.median(r["time_s"] for r in ok) if ok else None,
+        "runs": rows,
+    }
 
 
 def main(argv=None):
@@ -174,35 +179,35 @@ def main(argv=None):
         load = os.getloadavg()
     except OSError:
         load = None
-    report = dict(
-        task=dict(
-            phantom_shape=list(args.shape),
-            detector=[args.height, args.height],
-            delx_mm=400.0 / args.height,
-            sdd_mm=1020.0,
-            target_pose=dict(rotations=[0.0, 0.0, 0.0], translations=[0.0, 850.0, 0.0], **euler),
-            starts=args.starts,
-            seed=args.seed,
-            max_rotation_deg=args.max_rotation,
-            max_translation_mm=args.max_translation,
-            success="rotation error < 1 deg and translation error < 1 mm",
-            metric="ncc",
-        ),
-        machine=dict(
-            device=args.device,
-            backend=args.backend,
-            compile=args.compile,
-            threads=torch.get_num_threads(),
-            cpu=platform.processor() or platform.machine(),
-            load_average=load,
-            torch=torch.__version__,
-            tritondrr=td.__version__,
-            python=platform.python_version(),
-            commit=_commit(),
-        ),
-        derived=derived,
-        results=results,
-    )
+    report = {
+        "task": {
+            "phantom_shape": list(args.shape),
+            "detector": [args.height, args.height],
+            "delx_mm": 400.0 / args.height,
+            "sdd_mm": 1020.0,
+            "target_pose": dict(rotations=[0.0, 0.0, 0.0], translations=[0.0, 850.0, 0.0], **euler),
+            "starts": args.starts,
+            "seed": args.seed,
+            "max_rotation_deg": args.max_rotation,
+            "max_translation_mm": args.max_translation,
+            "success": "rotation error < 1 deg and translation error < 1 mm",
+            "metric": "ncc",
+        },
+        "machine": {
+            "device": args.device,
+            "backend": args.backend,
+            "compile": args.compile,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "load_average": load,
+            "torch": torch.__version__,
+            "tritondrr": td.__version__,
+            "python": platform.python_version(),
+            "commit": _commit(),
+        },
+        "derived": derived,
+        "results": results,
+    }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1))
     for method, res in results.items():
@@ -214,13 +219,15 @@ def main(argv=None):
         else:
             print(f"{method:16s} {res.get('skipped')}")
     if derived:
-        print(f"LM / Adam iterations {derived['lm_over_adam_iterations']:.3f}; Adam / LM time {derived['adam_over_lm_time']:.2f}")
+        print(
+            f"LM / Adam iterations {derived['lm_over_adam_iterations']:.3f}; Adam / LM time {derived['adam_over_lm_time']:.2f}"
+        )
     print(f"wrote {args.output}")
 
 
 def _commit():
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

@@ -38,12 +38,12 @@ from torch import nn
 from .pose import RigidTransform
 
 __all__ = [
-    "NormalizedCrossCorrelation2d",
-    "MultiscaleNormalizedCrossCorrelation2d",
-    "GradientNormalizedCrossCorrelation2d",
-    "MutualInformation",
-    "LogGeodesicSE3",
     "DoubleGeodesicSE3",
+    "GradientNormalizedCrossCorrelation2d",
+    "LogGeodesicSE3",
+    "MultiscaleNormalizedCrossCorrelation2d",
+    "MutualInformation",
+    "NormalizedCrossCorrelation2d",
 ]
 
 
@@ -93,7 +93,7 @@ class NormalizedCrossCorrelation2d(nn.Module):
             raise ValueError(f"patch_size {p} is larger than the images {tuple(x1.shape[-2:])}")
         x1, x2 = torch.broadcast_tensors(x1, x2)
         # Window moments with box filters: O(H W) instead of the O(H W p^2) unfolded patches.
-        mean = lambda x: F.avg_pool2d(x, p, stride=1)  # noqa: E731  [B, C, H-p+1, W-p+1]
+        mean = lambda x: F.avg_pool2d(x, p, stride=1)
         m1, m2 = mean(x1), mean(x2)
         var1 = (mean(x1 * x1) - m1 * m1).clamp(min=0.0) + self.eps
         var2 = (mean(x2 * x2) - m2 * m2).clamp(min=0.0) + self.eps
@@ -206,7 +206,12 @@ class MutualInformation(nn.Module):
     """
 
     def __init__(
-        self, sigma: float = 0.1, num_bins: int = 256, epsilon: float = 1e-10, normalize: bool = True, rescale: bool = False
+        self,
+        sigma: float = 0.1,
+        num_bins: int = 256,
+        epsilon: float = 1e-10,
+        normalize: bool = True,
+        rescale: bool = False,
     ):
         super().__init__()
         if not sigma > 0:

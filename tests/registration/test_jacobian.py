@@ -36,7 +36,7 @@ def _close(got, want):
     assert err < RTOL_MAX, err
 
 
-EULER = dict(parameterization="euler_angles", convention="ZXY")
+EULER = {"parameterization": "euler_angles", "convention": "ZXY"}
 ROT = torch.tensor([[0.1, -0.2, 0.15], [0.0, 0.05, -0.1]], dtype=torch.float64)
 TRANS = torch.tensor([[3.0, 850.0, -5.0], [0.0, 860.0, 2.0]], dtype=torch.float64)
 
@@ -76,7 +76,7 @@ def test_jacobian_shared_rotation_broadcast_and_degrees(subject):
 def test_jacobian_quaternion_and_patches(subject):
     drr = _drr(subject, patch_size=3)
     q = torch.tensor([[0.9, 0.1, -0.2, 0.3]], dtype=torch.float64)
-    options = dict(parameterization="quaternion")
+    options = {"parameterization": "quaternion"}
     got = pose_jacobian(drr, q, TRANS[:1], **options)
     assert got.shape[-1] == 7
     _close(got, _autograd_jacobian(drr, q, TRANS[:1], **options))
@@ -108,7 +108,9 @@ def test_jacobian_against_central_differences(subject):
         plus, minus = params.clone(), params.clone()
         plus[p] += h
         minus[p] -= h
-        fd = (drr(plus[None, :3], plus[None, 3:], **EULER) - drr(minus[None, :3], minus[None, 3:], **EULER))[0, 0] / (2 * h)
+        fd = (drr(plus[None, :3], plus[None, 3:], **EULER) - drr(minus[None, :3], minus[None, 3:], **EULER))[0, 0] / (
+            2 * h
+        )
         # Measured relative error 9e-11 .. 3e-9 (truncation h^2 and rounding / h).
         assert float((fd - jac[..., p]).abs().max() / jac[..., p].abs().max()) < 1e-6
 

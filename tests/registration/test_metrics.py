@@ -15,8 +15,8 @@ from tritondrr.metrics import (
     MultiscaleNormalizedCrossCorrelation2d,
     MutualInformation,
     NormalizedCrossCorrelation2d,
+    Sobel,
 )
-from tritondrr.metrics import Sobel
 
 
 def _images(*shape, seed=0, dtype=torch.float64):
@@ -58,7 +58,11 @@ def test_ncc_patches_match_brute_force_windows():
     want = []
     for b in range(2):
         a, c = x1[b, 0].numpy(), x2[b, 0].numpy()
-        scores = [_pearson(a[i : i + p, j : j + p], c[i : i + p, j : j + p]) for i in range(8 - p + 1) for j in range(6 - p + 1)]
+        scores = [
+            _pearson(a[i : i + p, j : j + p], c[i : i + p, j : j + p])
+            for i in range(8 - p + 1)
+            for j in range(6 - p + 1)
+        ]
         want.append(np.mean(scores))
     # Box-filter moments (E[x^2] - E[x]^2) in float64: measured error 3e-15.
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-10)
@@ -134,7 +138,7 @@ def _parzen_mi(a: np.ndarray, b: np.ndarray, sigma: float, bins: int, eps: float
     for n in range(len(ka)):
         joint += np.outer(ka[n], kb[n])
     joint = joint / (joint.sum() + eps)
-    h = lambda p: -np.sum(p * np.log2(p + eps))  # noqa: E731
+    h = lambda p: -np.sum(p * np.log2(p + eps))
     mi = h(pa) + h(pb) - h(joint)
     return mi, 2 * mi / (h(pa) + h(pb))
 
@@ -189,7 +193,9 @@ def test_pose_distances_closed_forms():
     torch.testing.assert_close(xyz, want_xyz[None])
     torch.testing.assert_close(dou, (rot**2 + xyz**2 + 1e-6).sqrt())
 
-    rot, xyz, _ = DoubleGeodesicSE3(sdd)(_pose([0.0, 0.0, 0.2], [0.0, 850.0, 0.0]), _pose([0.0, 0.0, 0.2], [3.0, 846.0, 0.0]))
+    rot, xyz, _ = DoubleGeodesicSE3(sdd)(
+        _pose([0.0, 0.0, 0.2], [0.0, 850.0, 0.0]), _pose([0.0, 0.0, 0.2], [3.0, 846.0, 0.0])
+    )
     torch.testing.assert_close(rot, torch.zeros(1, dtype=torch.float64), atol=1e-6, rtol=0)
     torch.testing.assert_close(xyz, torch.tensor([5.0], dtype=torch.float64))
 

@@ -1,5 +1,6 @@
 """register(), Registration and the `tritondrr register` command on tiny simulated tasks."""
 
+import itertools
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from tritondrr.cli import main
 from tritondrr.registration import Registration, register
 from tritondrr.registration.optimize import pose_errors, rescaled_drr
 
-EULER = dict(parameterization="euler_angles", convention="ZXY")
+EULER = {"parameterization": "euler_angles", "convention": "ZXY"}
 TRUE_ROT = torch.tensor([[0.02, -0.03, 0.01]])
 TRUE_TRANS = torch.tensor([[2.0, 850.0, -3.0]])
 
@@ -38,7 +39,7 @@ def test_lm_converges_quickly(task):
     assert float(rot_err) < 1e-2 and float(trans_err) < 1e-2
     losses = [h["loss"][0] for h in result.history]
     assert losses[-1] < 1e-6 * losses[0]
-    assert all(b <= a for a, b in zip(losses, losses[1:]))  # LM only accepts steps that decrease the loss
+    assert all(b <= a for a, b in itertools.pairwise(losses))  # LM only accepts steps that decrease the loss
 
 
 def test_lm_batch_of_poses_and_mse(task):
@@ -64,17 +65,24 @@ def test_adam_reduces_the_error_and_records_history(task):
     end = pose_errors(result.pose, true_pose)
     assert float(end[0]) < float(start[0]) / 3 and float(end[1]) < float(start[1]) / 3
     times = [h["time"] for h in result.history]
-    assert all(b >= a for a, b in zip(times, times[1:]))
+    assert all(b >= a for a, b in itertools.pairwise(times))
 
 
 def test_callback_stops_and_multiscale(task):
     drr, xray, true_pose = task
     result = register(
-        drr, xray, TRUE_ROT + 0.02, TRUE_TRANS + 4.0, optimizer="lm", scales=(2, 1), callback=lambda s: s["iteration"] == 2, **EULER
+        drr,
+        xray,
+        TRUE_ROT + 0.02,
+        TRUE_TRANS + 4.0,
+        optimizer="lm",
+        scales=(2, 1),
+        callback=lambda s: s["iteration"] == 2,
+        **EULER,
     )
     assert result.iterations == 3 and not result.converged
     result = register(drr, xray, TRUE_ROT + 0.02, TRUE_TRANS + 4.0, optimizer="lm", scales=(2, 1), **EULER)
-    assert [h["scale"] for h in result.history][0] == 2 and result.history[-1]["scale"] == 1
+    assert next(h["scale"] for h in result.history) == 2 and result.history[-1]["scale"] == 1
     rot_err, trans_err = pose_errors(result.pose, true_pose)
     assert float(rot_err) < 1e-2 and float(trans_err) < 1e-2
 

@@ -58,11 +58,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--optimizer", choices=("lm", "adam"), default="lm", help="default lm (Levenberg-Marquardt)")
     opt.add_argument("--metric", default="ncc", choices=("ncc", "mse", "gncc", "mncc", "mi"), help="default ncc")
-    opt.add_argument("--scales", nargs="+", type=int, default=[1], metavar="F", help="detector downsampling, coarse to fine (default 1)")
+    opt.add_argument(
+        "--scales",
+        nargs="+",
+        type=int,
+        default=[1],
+        metavar="F",
+        help="detector downsampling, coarse to fine (default 1)",
+    )
     opt.add_argument("--iterations", type=int, default=None, help="per level (default 50 for lm, 300 for adam)")
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="default auto")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--output-dir", default="registration", metavar="DIR", help="plots go here (default registration/)")
+    parser.add_argument(
+        "--output-dir", default="registration", metavar="DIR", help="plots go here (default registration/)"
+    )
     parser.add_argument("--gif", action="store_true", help="also write an animation of the DRR over the X-ray")
     parser.add_argument("--no-plots", action="store_true", help="write no plots (no matplotlib needed)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the CPU ray marcher")
@@ -141,7 +150,9 @@ def _read_intrinsics(path: str):
         raise _UserError(f"--intrinsics: cannot read {path}: {e}") from None
     K = np.asarray(K, dtype=np.float64)
     if K.shape != (3, 3) or K[0, 0] <= 0 or K[1, 1] <= 0:
-        raise _UserError(f"--intrinsics must be a 3 x 3 pinhole matrix with positive focal lengths, got shape {K.shape}")
+        raise _UserError(
+            f"--intrinsics must be a 3 x 3 pinhole matrix with positive focal lengths, got shape {K.shape}"
+        )
     return K
 
 
@@ -160,7 +171,7 @@ def _run(args) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
         raise _UserError(f"--device: {e}") from None
-    euler = dict(parameterization="euler_angles", convention="ZXY", degrees=True)
+    euler = {"parameterization": "euler_angles", "convention": "ZXY", "degrees": True}
     true_pose = None
     start = time.perf_counter()
     if args.xray is None:
@@ -181,7 +192,9 @@ def _run(args) -> int:
                 raise _UserError("--delx (or --intrinsics) is required with --xray")
             delx, dely, x0, y0 = args.delx, args.dely or args.delx, args.x0, args.y0
         subject = read(args.input)
-    drr = DRR(subject, sdd=args.sdd, height=height, width=width, delx=delx, dely=dely, x0=x0, y0=y0, backend=args.backend)
+    drr = DRR(
+        subject, sdd=args.sdd, height=height, width=width, delx=delx, dely=dely, x0=x0, y0=y0, backend=args.backend
+    )
     drr = drr.to(device)
 
     def vec(values):
@@ -202,7 +215,9 @@ def _run(args) -> int:
         rot = vec(args.rotations)
         trans = vec(args.translations or [0.0, 850.0, 0.0])
         source = f"{args.input} + {args.xray}"
-    print(f"data: {source}; detector {height} x {width}, {delx:.3f} x {dely:.3f} mm, sdd {args.sdd:g} mm; device {device}")
+    print(
+        f"data: {source}; detector {height} x {width}, {delx:.3f} x {dely:.3f} mm, sdd {args.sdd:g} mm; device {device}"
+    )
     if true_pose is not None:
         r_err, t_err = pose_errors(convert(rot, trans, **euler), true_pose)
         print(f"start: rotation error {float(r_err[0]):.3f} deg, translation error {float(t_err[0]):.3f} mm")

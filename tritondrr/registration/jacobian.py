@@ -20,7 +20,7 @@ import torch
 
 from ..pose import RigidTransform, convert
 
-__all__ = ["pose_jacobian", "pose_matrix_jacobian", "flatten_parameters"]
+__all__ = ["flatten_parameters", "pose_jacobian", "pose_matrix_jacobian"]
 
 # Dimensions of one pose's parameter tensor, after the batch dimension, per parameterization.
 _ITEM_DIMS = {"matrix": 2, "spherical": 0}
@@ -118,11 +118,11 @@ def pose_jacobian(
         )
     if any(isinstance(a, RigidTransform) for a in args):
         raise TypeError("pose_jacobian takes parameter tensors, not a RigidTransform")
-    options = dict(parameterization=parameterization, convention=convention, degrees=degrees)
+    options = {"parameterization": parameterization, "convention": convention, "degrees": degrees}
     with torch.no_grad():
         batch = len(convert(*args, **options))
     params = flatten_parameters(args, parameterization, batch)
-    E, dE = pose_matrix_jacobian(params, **options)
+    _, dE = pose_matrix_jacobian(params, **options)
     dtype = drr.affine.dtype
     dE = dE.to(dtype)
     n_params = dE.shape[-1]

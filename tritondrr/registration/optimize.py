@@ -33,7 +33,7 @@ from .. import metrics as _metrics
 from ..pose import RigidTransform, convert
 from .jacobian import flatten_parameters, pose_jacobian
 
-__all__ = ["register", "RegistrationResult", "pose_errors", "rescaled_drr"]
+__all__ = ["RegistrationResult", "pose_errors", "register", "rescaled_drr"]
 
 _METRICS = {
     "ncc": lambda: _metrics.NormalizedCrossCorrelation2d(),
@@ -161,7 +161,7 @@ def rescaled_drr(drr, factor: int):
     subject = getattr(drr, "subject", None)
     if subject is None or getattr(subject, "density", None) is None:
         subject = _DuckSubject(drr)
-    options = dict(n_samples=drr.n_samples, backend=drr.backend)
+    options = {"n_samples": drr.n_samples, "backend": drr.backend}
     renderer = getattr(drr, "renderer", None)
     if isinstance(renderer, str):
         options["renderer"] = renderer
@@ -304,7 +304,7 @@ def register(
     if not damping > 0:
         raise ValueError(f"damping must be positive, got {damping!r}")
 
-    options = dict(parameterization=parameterization, convention=convention, degrees=degrees)
+    options = {"parameterization": parameterization, "convention": convention, "degrees": degrees}
     with torch.no_grad():
         batch = len(convert(rotations, translations, **options))
     rot, trans = flatten_parameters((rotations, translations), parameterization, batch)
@@ -312,7 +312,7 @@ def register(
     xray = _check_xray(xray, drr, batch)
 
     state = _State(rot.reshape(batch, -1).clone(), trans.clone(), rot_shape, time.perf_counter())
-    settings = dict(lr=lr, patience=patience, n_decays=n_decays, xtol=xtol, damping=damping)
+    settings = {"lr": lr, "patience": patience, "n_decays": n_decays, "xtol": xtol, "damping": damping}
     levels = [(f, rescaled_drr(drr, f)) for f in scales]
     bar = _Progress(progress, max_iterations * len(levels))
     try:
@@ -320,7 +320,9 @@ def register(
             det = level_drr.detector
             target = _pool(xray, det.height, det.width).to(level_drr.affine)
             run = _adam if optimizer == "adam" else _levenberg_marquardt
-            stop = run(level_drr, target, state, level, factor, metric, options, max_iterations, settings, callback, bar)
+            stop = run(
+                level_drr, target, state, level, factor, metric, options, max_iterations, settings, callback, bar
+            )
             if stop:
                 break
     finally:
@@ -371,15 +373,15 @@ class _State:
         return rot.reshape(len(rot), *self.rot_shape), self.trans if trans is None else trans
 
     def record(self, level, factor, loss, extra=None):
-        entry = dict(
-            level=level,
-            scale=factor,
-            iteration=len(self.history),
-            loss=[float(v) for v in loss],
-            rotations=self.rot.detach().reshape(len(self.rot), *self.rot_shape).cpu().clone(),
-            translations=self.trans.detach().cpu().clone(),
-            time=time.perf_counter() - self.start,
-        )
+        entry = {
+            "level": level,
+            "scale": factor,
+            "iteration": len(self.history),
+            "loss": [float(v) for v in loss],
+            "rotations": self.rot.detach().reshape(len(self.rot), *self.rot_shape).cpu().clone(),
+            "translations": self.trans.detach().cpu().clone(),
+            "time": time.perf_counter() - self.start,
+        }
         entry.update(extra or {})
         self.history.append(entry)
         return entry
@@ -443,7 +445,7 @@ def _adam(drr, xray, state, level, factor, metric, options, max_iterations, kwar
 
 def _residuals(img, J, xray, metric):
     """Residual vectors (B, M) and their Jacobians (B, M, P) with F = |r|^2 (module docstring)."""
-    batch, channels = img.shape[:2]
+    batch = img.shape[0]
     n = img[0].numel()
     if metric == "mse":
         r = (img - xray).reshape(batch, -1) / math.sqrt(n)

@@ -5,6 +5,7 @@ matplotlib is an optional extra (``pip install 'tritondrr[plot]'``).
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -54,7 +55,7 @@ def plot_convergence(result, true_pose=None, path=None):
         axs[2].semilogy(it, trans.clamp(min=1e-6).numpy())
         axs[2].axhline(1.0, color="gray", lw=0.8, ls="--")
         axs[2].set(xlabel="iteration", ylabel="mm", title="translation error")
-    changes = [h["iteration"] for prev, h in zip(history, history[1:]) if h["level"] != prev["level"]]
+    changes = [h["iteration"] for prev, h in itertools.pairwise(history) if h["level"] != prev["level"]]
     for ax in axs:
         for x in changes:
             ax.axvline(x, color="gray", lw=0.8, ls=":")
