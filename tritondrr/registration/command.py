@@ -161,10 +161,7 @@ def _run(args) -> int:
     os.environ["TRITONDRR_COMPILE"] = "1" if args.compile else "0"
     import torch
 
-    from ..data import read
-    from ..drr import DRR
-    from ..phantom import load_example_ct
-    from ..pose import convert
+    from .. import DRR, convert, load_example_ct, read
     from .optimize import pose_errors, register
 
     try:

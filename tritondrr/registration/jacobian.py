@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..pose import RigidTransform, convert
+from .. import RigidTransform, convert
 
 __all__ = ["flatten_parameters", "pose_jacobian", "pose_matrix_jacobian"]
 

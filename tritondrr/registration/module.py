@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..pose import RigidTransform, convert
+from .. import RigidTransform, convert
 
 __all__ = ["Registration"]
 

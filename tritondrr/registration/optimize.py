@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .. import RigidTransform, convert
 from .. import metrics as _metrics
-from ..pose import RigidTransform, convert
 from .jacobian import flatten_parameters, pose_jacobian
 
 __all__ = ["RegistrationResult", "pose_errors", "register", "rescaled_drr"]
@@ -154,7 +154,7 @@ def rescaled_drr(drr, factor: int):
         raise ValueError(f"scale factors must be positive ints, got {factor!r}")
     if factor == 1:
         return drr
-    from ..drr import DRR
+    from .. import DRR
 
     det = drr.detector
     height, width = max(1, round(det.height / factor)), max(1, round(det.width / factor))
