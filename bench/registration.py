@@ -121,18 +121,113 @@ def _run_tritondrr(optimizer, drr, xray, true_pose, starts, euler, device):
     return rows
 
 
-def _run_peer(name, args, true_pose, starts, euler):
-    """DiffDRR's / nanodrr's Registration with Adam on NCC, when importable (not installed here)."""
+def _adam_loop(params, loss_fn, lr, max_iterations=300, patience=10, n_decays=5):
+    """tritondrr's Adam schedule for a peer's parameters: per-group learning rates, and on a plateau of
+    ``patience`` iterations a restart from the best parameters with halved rates, ``n_decays`` times.
+    Returns (iterations, converged)."""
+    import torch
+
+    opt = torch.optim.Adam([{"params": [p], "lr": r} for p, r in zip(params, lr)])
+    best, since, decays = float("inf"), 0, 0
+    best_params = [p.detach().clone() for p in params]
+    for it in range(max_iterations):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        value = float(loss)
+        if value < best * (1 - 1e-6) - 1e-12:
+            best, since, best_params = value, 0, [p.detach().clone() for p in params]
+        else:
+            since += 1
+        opt.step()
+        if since >= patience:
+            decays, since = decays + 1, 0
+            if decays > n_decays:
+                break
+            with torch.no_grad():
+                for p, b in zip(params, best_params):
+                    p.copy_(b)
+            for group in opt.param_groups:
+                group["lr"] *= 0.5
+    with torch.no_grad():
+        for p, b in zip(params, best_params):
+            p.copy_(b)
+    return it + 1, decays > n_decays
+
+
+def _run_nanodrr(args, drr, starts, euler):
+    """nanodrr's Registration (its renderer, 500 samples per ray, its NCC) on the same task: the X-ray is
+    rendered by nanodrr at the target pose, the starts are the same camera poses; Adam with tritondrr's
+    schedule and learning rates (nanodrr's perturbation is an so(3) vector in radians and mm)."""
+    import numpy as np
+    import torch
+    import torchio
+    from nanodrr.camera import make_rt_inv
+    from nanodrr.data import Subject
+    from nanodrr.drr import DRR
+    from nanodrr.metrics import NormalizedCrossCorrelation2d
+    from nanodrr.registration import Registration
+
+    from tritondrr import RigidTransform
+    from tritondrr.registration.optimize import pose_errors
+
+    det = drr.detector
+    image = torchio.ScalarImage(
+        tensor=drr.density.detach().cpu()[None].clone(), affine=drr.affine.double().cpu().numpy().astype(np.float64)
+    )
+    subject = Subject.from_images(image, convert_to_mu=False).to(args.device)
+    nano = DRR.from_carm_intrinsics(
+        det.sdd, det.delx, det.dely, det.x0, det.y0, det.height, det.width, device=args.device
+    )
+
+    def rt_inv(rot, trans):  # ZXY radians -> nanodrr's camera-to-world, DiffDRR's AP convention
+        return make_rt_inv(torch.rad2deg(rot), trans, orientation="AP").to(args.device)
+
+    true_rt = rt_inv(torch.zeros(1, 3), torch.tensor([[0.0, 850.0, 0.0]]))
+    with torch.no_grad():
+        xray = nano(subject, true_rt)
+    ncc = NormalizedCrossCorrelation2d()
+    rows = []
+    for rot, trans in starts:
+        start_rt = rt_inv(rot.cpu(), trans.cpu())
+        reg = Registration(subject, start_rt, nano.k_inv, nano.sdd, det.height, det.width)
+        t0 = time.perf_counter()
+        loss = lambda reg=reg: 1 - ncc(reg(), xray).mean()
+        iterations, converged = _adam_loop([reg._rot, reg._xyz], loss, lr=(1e-2, 1.0))
+        wall = time.perf_counter() - t0
+        with torch.no_grad():
+            r0, t0_err = pose_errors(RigidTransform(start_rt), RigidTransform(true_rt))
+            r_err, t_err = pose_errors(RigidTransform(reg.pose.detach()), RigidTransform(true_rt))
+        rows.append(
+            {
+                "start_rotation_error_deg": float(r0[0]),
+                "start_translation_error_mm": float(t0_err[0]),
+                "rotation_error_deg": float(r_err[0]),
+                "translation_error_mm": float(t_err[0]),
+                "success": bool(r_err[0] < 1.0 and t_err[0] < 1.0),
+                "converged": converged,
+                "iterations": iterations,
+                "renders": iterations,
+                "time_s": wall,
+            }
+        )
+        print(f"  nanodrr: {rows[-1]}", file=sys.stderr)
+    return rows
+
+
+def _run_peer(name, args, drr, starts, euler):
+    """A peer's row, or why it is skipped."""
     try:
         if name == "diffdrr":
-            from diffdrr.data import load_example_ct  # noqa: F401
             from diffdrr.drr import DRR  # noqa: F401
-            from diffdrr.metrics import NormalizedCrossCorrelation2d  # noqa: F401
             from diffdrr.registration import Registration  # noqa: F401
         else:
-            import nanodrr  # noqa: F401
+            import nanodrr.registration  # noqa: F401
+            import torchio  # noqa: F401
     except ImportError as e:
         return {"skipped": f"{name} not importable: {e}"}
+    if name == "nanodrr":
+        return _summary(_run_nanodrr(args, drr, starts, euler))
     return {"skipped": f"{name} is importable but its row is not implemented in this script yet"}
 
 
@@ -167,7 +262,7 @@ def main(argv=None):
             optimizer = method.split("-")[1]
             results[method] = _summary(_run_tritondrr(optimizer, drr, xray, true_pose, starts, euler, args.device))
         elif method in ("diffdrr", "nanodrr"):
-            results[method] = _run_peer(method, args, true_pose, starts, euler)
+            results[method] = _run_peer(method, args, drr, starts, euler)
         else:
             raise SystemExit(f"--methods: unknown method {method!r}")
     lm, adam = results.get("tritondrr-lm"), results.get("tritondrr-adam")
@@ -225,9 +320,23 @@ def main(argv=None):
     print(f"wrote {args.output}")
 
 
+def _versions(*names):
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def _commit():
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
