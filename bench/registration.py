@@ -299,6 +299,7 @@ def main(argv=None):
             "tritondrr": td.__version__,
             "python": platform.python_version(),
             "commit": _commit(),
+            "peers": _versions("diffdrr", "nanodrr"),
         },
         "derived": derived,
         "results": results,
