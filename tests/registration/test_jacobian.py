@@ -120,3 +120,14 @@ def test_jacobian_rejects_a_bare_pose(subject):
     pose = td.convert(ROT[:1], TRANS[:1], **EULER)
     with pytest.raises(ValueError, match="parameterization"):
         pose_jacobian(drr, pose)
+
+
+def test_jacobian_with_calibration(subject):
+    drr = _drr(subject)
+    calibration = drr.detector.calibration_matrix(torch.float64)
+    calibration[0, 0] *= 1.1  # another pixel pitch and principal point than the detector's
+    calibration[1, 3] = 7.0
+    options = dict(EULER, calibration=calibration)
+    got = pose_jacobian(drr, ROT[:1], TRANS[:1], **options)
+    _close(got, _autograd_jacobian(drr, ROT[:1], TRANS[:1], **options))
+    assert not torch.allclose(got, pose_jacobian(drr, ROT[:1], TRANS[:1], **EULER))

@@ -149,3 +149,20 @@ def test_command_user_errors(argv, flag, capsys):
     assert code == 2
     assert flag in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tritondrr.metrics",
+        "tritondrr.registration.jacobian",
+        "tritondrr.registration.module",
+        "tritondrr.registration.optimize",
+    ],
+)
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), extraglobs={"torch": torch})
+    assert result.attempted > 0 and result.failed == 0
