@@ -247,7 +247,8 @@ class DRR(nn.Module):
     def render(
         self, density: torch.Tensor, source: torch.Tensor, target: torch.Tensor, mask_to_channels: bool = False
     ) -> torch.Tensor:
-        """Render given world rays: ``source`` (B, 1, 3) or (B, H*W, 3) and the whole detector's ``target`` (B, H*W, 3), mm.
+        """Render given world rays: ``source`` (B, 1, 3), or one per pixel (B, H*W, 3), and the whole
+        detector's ``target`` (B, H*W, 3), mm.
 
         Applies this module's pixel subset (``p_subsample``), marching order, ``patch_size`` and
         ``reshape``, exactly as ``forward`` does after it has made the rays, so

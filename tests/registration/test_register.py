@@ -166,3 +166,29 @@ def test_docstring_examples(name):
 
     result = doctest.testmod(importlib.import_module(name), extraglobs={"torch": torch})
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_plots_without_matplotlib_name_the_extra(task, monkeypatch):
+    import sys
+
+    from tritondrr.registration.plots import plot_convergence
+
+    drr, xray, _ = task
+    result = register(drr, xray, TRUE_ROT, TRUE_TRANS, optimizer="lm", max_iterations=1, **EULER)
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(ImportError, match=r"tritondrr\[plot\]"):
+        plot_convergence(result)
+
+
+def test_plots_write_files(task, tmp_path):
+    pytest.importorskip("matplotlib")
+    from tritondrr.registration.plots import plot_convergence, save_gif
+
+    drr, xray, true_pose = task
+    result = register(drr, xray, TRUE_ROT + 0.01, TRUE_TRANS + 2.0, optimizer="lm", max_iterations=3, **EULER)
+    plot_convergence(result, true_pose, tmp_path / "c.png")
+    save_gif(drr, xray, result, tmp_path / "r.gif", max_frames=3)
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "r.gif").read_bytes()[:6] in (b"GIF89a", b"GIF87a")
