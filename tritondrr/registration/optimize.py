@@ -345,6 +345,8 @@ def _check_xray(xray, drr, batch) -> torch.Tensor:
         raise TypeError(f"xray must be a torch.Tensor, got {type(xray).__name__}")
     if xray.dim() == 2:
         xray = xray[None, None]
+    if not getattr(drr, "reshape", True):
+        raise ValueError("register needs a DRR with reshape=True (images (B, C, H, W) to compare with the X-ray)")
     det = drr.detector
     if xray.dim() != 4 or xray.shape[-2:] != (det.height, det.width) or xray.shape[0] not in (1, batch):
         raise ValueError(
