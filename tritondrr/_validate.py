@@ -179,6 +179,8 @@ def as_volume(name: str, x) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
+        x = x.as_subclass(torch.Tensor)  # e.g. tritondrr.data.Image: a plain tensor from here on
     while x.dim() > 3 and x.shape[0] == 1:
         x = x[0]
     if x.dim() != 3:
