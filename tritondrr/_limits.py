@@ -105,6 +105,8 @@ def _truncated(path: Path, shape, nbytes: int, holds: int, how: str) -> ValueErr
 def _check_volume_bytes(path: Path, shape, itemsize: int, available: int, encoding: str) -> None:
     """Header says ``shape`` x ``itemsize``; ``available`` bytes of (possibly compressed) data follow."""
     shape = tuple(int(n) for n in shape)
+    if itemsize < 1:
+        raise ValueError(f"cannot read {str(path)!r}: its header gives a voxel type of {itemsize} bytes")
     if any(n < 1 for n in shape):
         raise ValueError(f"cannot read {str(path)!r}: its header has sizes {shape}; every axis needs a voxel or more")
     nbytes = itemsize
