@@ -9,6 +9,7 @@ Volumes are at most 5^3 and rays at most 4 per example, so the file runs in well
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -56,21 +57,26 @@ def run(density, affine, source, target, **kwargs):
     return render(density, affine, source, target, **kwargs)
 
 
+BACKENDS = pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: the interpreter on CPU
+
+
+@BACKENDS
 @SETTINGS
-@given(scenes(signed=True), st.sampled_from([None, 1, 2, 7, 64]))
-def test_outputs_and_gradients_are_finite(scene, n_samples):
+@given(scene=scenes(signed=True), n_samples=st.sampled_from([None, 1, 2, 7, 64]))
+def test_outputs_and_gradients_are_finite(scene, n_samples, backend):
     density, affine, source, target = scene
     density, source, target = (x.clone().requires_grad_() for x in (density, source, target))
-    out = run(density, affine, source, target, n_samples=n_samples)
+    out = run(density, affine, source, target, n_samples=n_samples, backend=backend)
     assert out.shape == (1, 1, target.shape[1]) and torch.isfinite(out).all()
     out.sum().backward()
     for x in (density, source, target):
         assert torch.isfinite(x.grad).all()
 
 
+@BACKENDS
 @SETTINGS
-@given(scenes(signed=True), st.integers(0, 2), st.sampled_from([-1, 1]), st.floats(1.01, 30.0))
-def test_rays_that_miss_or_have_zero_length_give_exactly_zero(scene, axis, side, gap):
+@given(scene=scenes(signed=True), axis=st.integers(0, 2), side=st.sampled_from([-1, 1]), gap=st.floats(1.01, 30.0))
+def test_rays_that_miss_or_have_zero_length_give_exactly_zero(scene, axis, side, gap, backend):
     density, affine, source, target = scene
     # Move both ends beyond the support [-1, n] along one index axis: the ray misses.
     inverse = torch.linalg.inv(affine)
@@ -81,19 +87,32 @@ def test_rays_that_miss_or_have_zero_length_give_exactly_zero(scene, axis, side,
     s[..., axis] = plane + side * (s[..., axis] - s[..., axis].min()).abs()
     t[..., axis] = plane + side * (t[..., axis] - t[..., axis].min()).abs()
     world = lambda p: p @ affine[:3, :3].T + affine[:3, 3]  # noqa: E731
-    miss = run(density, affine, world(s), world(t), n_samples=16)
+    miss = run(density, affine, world(s), world(t), n_samples=16, backend=backend)
     assert torch.equal(miss, torch.zeros_like(miss))
-    same = run(density, affine, target, target.clone(), n_samples=16)
+    same = run(density, affine, target, target.clone(), n_samples=16, backend=backend)
     assert torch.equal(same, torch.zeros_like(same))
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.booleans().flatmap(lambda inside: scenes(inside=inside, max_rays=8)), st.sampled_from([None, 1, 2, 3, 16]))
-def test_non_negative_volumes_give_non_negative_integrals_with_the_source_anywhere(scene, n_samples):
+NON_NEGATIVE_SCENES = st.booleans().flatmap(lambda inside: scenes(inside=inside, max_rays=8))
+
+
+def _check_non_negative(scene, n_samples, backend):
     # Without render's clamp, sources inside the volume with few samples give e.g. -0.33 (the end
     # correction at an end inside the support, docs/errors.md).
-    out = run(*scene, n_samples=n_samples)
+    out = run(*scene, n_samples=n_samples, backend=backend)
     assert bool((out >= 0).all()), float(out.min())
+
+
+@settings(max_examples=150, deadline=None)
+@given(scene=NON_NEGATIVE_SCENES, n_samples=st.sampled_from([None, 1, 2, 3, 16]))
+def test_non_negative_volumes_give_non_negative_integrals_with_the_source_anywhere(scene, n_samples):
+    _check_non_negative(scene, n_samples, "torch")
+
+
+@settings(max_examples=40, deadline=None)
+@given(scene=NON_NEGATIVE_SCENES, n_samples=st.sampled_from([None, 1, 2, 3, 16]))
+def test_non_negative_volumes_give_non_negative_integrals_on_the_triton_backend(scene, n_samples):
+    _check_non_negative(scene, n_samples, "triton")
 
 
 # n_samples = 1000 on volumes of at most 5^3: the measured worst error against the exact integral
