@@ -42,9 +42,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib
 import json
-import math
 import os
 import statistics
 import sys
@@ -452,7 +452,7 @@ def main(argv=None) -> int:
             args_ = (p["density"], p["source"], p["target"], p["lo"], p["hi"], p["n_samples"])
             sums = gather_ceiling(*args_, block_r=br, block_s=bs, num_warps=warps)
             row["finite"] = bool(torch.isfinite(sums).all())
-            row.update(time_ms(lambda: gather_ceiling(*args_, block_r=br, block_s=bs, num_warps=warps), device))
+            row.update(time_ms(functools.partial(gather_ceiling, *args_, block_r=br, block_s=bs, num_warps=warps), device))
             row["samples_per_s"] = p["rays_hit"] * p["n_samples"] / (row["ms"] / 1e3)
             log(f"gather ceiling {config}: {row['ms']:.3f} ms, {row['samples_per_s']:.2e} samples/s")
         except Exception as e:  # noqa: BLE001
