@@ -59,13 +59,10 @@ import sys
 import tempfile
 import time
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the interpreter has no compiler: start again without it
+if __name__ == "__main__" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+    # The kernels must be defined without the interpreter: start again without it.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GPU's default; silences triton 3.9's warning
-os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit would skip ptxas and its -v log
-os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -93,6 +90,16 @@ _CLASSES = {
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+
+
+def _compiler_environment() -> None:
+    """Set before compiling: the GPU's fp fusion default (silences triton 3.9's warning), no cache
+    hits (they would skip ptxas and its ``-v`` log), and that log printed."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("sass_count.py compiles kernels: run it without TRITON_INTERPRET=1")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 
 
 def _load_compile_sm90():
@@ -294,6 +301,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-grid", action="store_true", help="skip the launch-configuration grid")
     args = parser.parse_args(argv)
 
+    _compiler_environment()
     C = _load_compile_sm90()
     specs = {name: (*spec, 4) for name, spec in C.specialisations().items()}
     if not args.no_grid:
