@@ -80,8 +80,10 @@ stage() {
 # -- setup: the peers' wheels, pynrrd, the project --------------------------------------------
 setup() {
     local site="$work/site"
-    if [ ! -e tritondrr/kernels ] && [ -d kernels ]; then
-        ln -s ../kernels tritondrr/kernels  # the package maps tritondrr.kernels to kernels/ (pyproject)
+    if [ "$dry" != 1 ] && [ ! -e tritondrr/kernels ] && [ -d kernels ]; then
+        # The package maps tritondrr.kernels to kernels/ (pyproject); the copy on the device has no
+        # link, and the tests import tritondrr from the tree.
+        ln -s ../kernels tritondrr/kernels
     fi
     if [ "$peers" != none ] && compgen -G "$peers/*.whl" > /dev/null; then
         mkdir -p "$site"
