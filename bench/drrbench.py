@@ -107,7 +107,7 @@ PROFILES = {
     "quick": Profile("quick", QUICK_HEIGHTS, QUICK_BATCH),
     "full": Profile("full", HEIGHTS, BATCH),
     # The lent GPU's window (bench/gpu_check.sh): the GPU goal sizes only.
-    "gpu": Profile("gpu", (200, 1000, 1500), BATCH, round_budget_s=0.5),  # 60 cases in the 170 s stage
+    "gpu": Profile("gpu", (200, 1000, 1500), BATCH, round_budget_s=0.5),  # 60 cases in the 165 s stage
     # The GPU run rehearsed on CPU under the interpreter: tiny volume and detectors, one round.
     "dry": Profile("dry", (8,), (2, 8, 8), volume="tiny", rounds=1),
 }

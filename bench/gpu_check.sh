@@ -16,7 +16,7 @@
 # interrupted with SIGINT first (pytest then still writes its JSON), killed 10 s later; the next
 # stage runs whatever happened. Budgets sum to 415 s, 465 s if every stage needs its 10 s of
 # grace: under 8 min.
-#   GPU_CHECK_BUDGET_SETUP=25 _TESTS=70 _KERNELS=110 _DRR=170 _ACCURACY=40
+#   GPU_CHECK_BUDGET_SETUP=35 _TESTS=65 _KERNELS=110 _DRR=165 _ACCURACY=40
 # The dry run (--dry-run) does every stage on CPU with tiny sizes under TRITON_INTERPRET=1 and
 # installs nothing (PYTHONPATH=repository): on the GPU the only unknown is the GPU.
 # Other variables: PYTHON (python3), PEERS_DIR (.peers; "none" runs without peers),
@@ -123,7 +123,7 @@ fi
 
 export -f setup
 export work peers dry PY repo
-stage setup "${GPU_CHECK_BUDGET_SETUP:-25}" bash -c setup
+stage setup "${GPU_CHECK_BUDGET_SETUP:-35}" bash -c setup
 [ -f "$work/peers" ] || echo "not run" > "$work/peers"
 
 # -- correctness first: the CUDA tests ----------------------------------------------------------
@@ -136,7 +136,7 @@ else
     # test ~30 s in inductor: left out (GPU_CHECK_PYTEST_ARGS runs them when there is time).
     test_args=(tests/renderers --ignore-glob='*_cpu.py' -k "not torch_compile")
 fi
-stage tests "${GPU_CHECK_BUDGET_TESTS:-70}" "$PY" -m pytest "${test_args[@]}" --device "$device" -q \
+stage tests "${GPU_CHECK_BUDGET_TESTS:-65}" "$PY" -m pytest "${test_args[@]}" --device "$device" -q \
     -p no:cacheprovider --durations=10 --junitxml="$out/tests.xml"
 
 # -- kernel-level benchmark ----------------------------------------------------------------------
@@ -144,7 +144,7 @@ stage kernels "${GPU_CHECK_BUDGET_KERNELS:-110}" "$PY" bench/bench_kernels.py --
     --device "$device" --out "$out/kernels.json"
 
 # -- the DRR suite, peers side by side ------------------------------------------------------------
-stage drr "${GPU_CHECK_BUDGET_DRR:-170}" env BENCH_PROFILE="$profile" "$PY" -m pytest bench/test_bench.py \
+stage drr "${GPU_CHECK_BUDGET_DRR:-165}" env BENCH_PROFILE="$profile" "$PY" -m pytest bench/test_bench.py \
     --bench-device "$device" -q -p no:cacheprovider --benchmark-json="$out/drr.json" \
     --benchmark-columns=median,min,max,rounds --benchmark-sort=name
 
