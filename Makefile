@@ -81,7 +81,7 @@ gpu-prepare: bench-wheels
 	@if grep -q -- -dirty .peers/REVISION; then echo "warning: dirty tree; bench/gpu_ingest.py will refuse the run (commit first)"; fi
 
 gpu-dry-run:
-	PEERS_DIR=$${PEERS_DIR:-none} bench/gpu_check.sh --dry-run .benchmarks/gpu-dry-run
+	bench/gpu_check.sh --dry-run .benchmarks/gpu-dry-run
 
 gpu-ingest:
 	@test -n "$(FILES)" || { echo "usage: make gpu-ingest FILES=folder-of-returned-files"; exit 2; }
