@@ -88,6 +88,14 @@ from ._common import (  # noqa: F401 (shared with the other renderers' kernels)
     _scatter,
     _scatter8,
     TINY,
+    _ray_prologue,
+    _sample_points,
+    _end_points,
+    _grid_cells,
+    _cell_value,
+    _cell_value_grad,
+    _cell_scatter,
+    _clip_grad,
 )
 
 __all__ = [
@@ -132,51 +140,22 @@ def _raymarch_fwd_kernel(
     BLOCK_S: tl.constexpr,
 ):
     CDT = src_ptr.dtype.element_ty  # accumulation dtype: the rays' (fp32, or fp64 in tests)
-    pid_r = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    if INT64:
-        pid_b = pid_b.to(tl.int64)
-    rays = _ray_block(pid_r, INT64, BLOCK_R)  # [BLOCK_R]
-    mask_r = rays < n_rays
-    sx, sy, sz, ex, ey, ez = _load_ray(src_ptr, tgt_ptr, pid_b, rays, n_rays, src_stride_b, src_stride_r, mask_r)
-    phase = tl.load(phase_ptr + rays, mask=mask_r, other=0.5)  # [BLOCK_R]
-
-    dx, dmx, tmin_x, tmax_x, small_x = _clip_axis(sx, ex, lo0, hi0)
-    dy, dmy, tmin_y, tmax_y, small_y = _clip_axis(sy, ey, lo1, hi1)
-    dz, dmz, tmin_z, tmax_z, small_z = _clip_axis(sz, ez, lo2, hi2)
-    t0 = tl.maximum(tl.maximum(tl.maximum(tmin_x, tmin_y), tmin_z), 0.0)  # [BLOCK_R]
-    t1 = tl.minimum(tl.minimum(tl.minimum(tmax_x, tmax_y), tmax_z), 1.0)
-    length = tl.maximum(t1 - t0, 0.0)
-    # Missed rays (L = 0) may have t0 >> 1: sample them at t <= 1 so positions stay finite.
-    t0s = tl.minimum(t0, 1.0)
+    pid_b, rays, mask_r = _program_rays(n_rays, INT64, BLOCK_R)
+    grid = (size_i, size_j, size_k, stride_i, stride_j)
+    box = (lo0, lo1, lo2, hi0, hi1, hi2)
+    ray, _clip, _t0, _t1 = _ray_prologue(src_ptr, tgt_ptr, phase_ptr, pid_b, rays, n_rays, src_stride_b, src_stride_r, mask_r, box)
+    length = ray[8]
     hit = mask_r & (length > 0)  # rays with L = 0 need no loads at all
 
     acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
     for start in range(0, n_samples, BLOCK_S):
-        u, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = _sample_cells(
-            start, phase, t0s, length, n_samples, hit, sx, sy, sz, dx, dy, dz,
-            size_i, size_j, size_k, stride_i, stride_j, BLOCK_S, INT64, CDT,
-        )  # fmt: skip
-        acc += _value(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT)
-        # Labelmap hook: a per-sample channel index would select one of N_CHANNELS accumulators here.
+        x, y, z, _u, m = _sample_points(ray, start, n_samples, hit, BLOCK_S, CDT)  # [BLOCK_R, BLOCK_S]
+        acc += _cell_value(vol_ptr, _grid_cells(x, y, z, m, grid, INT64), grid, CDT)
 
     # End correction: -(phase - 1/2) (f(p_1end) - f(p_0end)), both ends as one [BLOCK_R, 2] block.
-    te, we, ue = _ends(t0s, length, phase)  # [BLOCK_R, 2]
-    off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = _corners(
-        sx[:, None] + te * dx[:, None],
-        sy[:, None] + te * dy[:, None],
-        sz[:, None] + te * dz[:, None],
-        hit[:, None] & (ue >= 0.0),
-        size_i,
-        size_j,
-        size_k,
-        stride_i,
-        stride_j,
-        INT64,
-    )
-    fe = _value(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT)  # [BLOCK_R, 2]
-    total = tl.sum(acc, axis=1) + tl.sum(we * fe, axis=1)  # [BLOCK_R]
-    g = total * (length / n_samples)  # [BLOCK_R]
+    x, y, z, _ue, me, we = _end_points(ray, hit)
+    fe = _cell_value(vol_ptr, _grid_cells(x, y, z, me, grid, INT64), grid, CDT)  # [BLOCK_R, 2]
+    g = (tl.sum(acc, axis=1) + tl.sum(we * fe, axis=1)) * (length / n_samples)  # [BLOCK_R]
     tl.store(out_ptr + pid_b * n_rays + rays, g.to(out_ptr.dtype.element_ty), mask=mask_r)
 
 
@@ -214,50 +193,27 @@ def _raymarch_bwd_kernel(
     BLOCK_S: tl.constexpr,
 ):
     CDT = src_ptr.dtype.element_ty
-    pid_r = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    if INT64:
-        pid_b = pid_b.to(tl.int64)
-    rays = _ray_block(pid_r, INT64, BLOCK_R)  # [BLOCK_R]
-    mask_r = rays < n_rays
-    sx, sy, sz, ex, ey, ez = _load_ray(src_ptr, tgt_ptr, pid_b, rays, n_rays, src_stride_b, src_stride_r, mask_r)
-    phase = tl.load(phase_ptr + rays, mask=mask_r, other=0.5)  # [BLOCK_R]
+    pid_b, rays, mask_r = _program_rays(n_rays, INT64, BLOCK_R)
+    grid = (size_i, size_j, size_k, stride_i, stride_j)
+    box = (lo0, lo1, lo2, hi0, hi1, hi2)
+    ray, clip, t0, t1 = _ray_prologue(src_ptr, tgt_ptr, phase_ptr, pid_b, rays, n_rays, src_stride_b, src_stride_r, mask_r, box)
+    length = ray[8]
     w = tl.load(grad_out_ptr + pid_b * n_rays + rays, mask=mask_r, other=0.0).to(CDT)  # [BLOCK_R]
-
-    dx, dmx, tmin_x, tmax_x, small_x = _clip_axis(sx, ex, lo0, hi0)
-    dy, dmy, tmin_y, tmax_y, small_y = _clip_axis(sy, ey, lo1, hi1)
-    dz, dmz, tmin_z, tmax_z, small_z = _clip_axis(sz, ez, lo2, hi2)
-    t0m = tl.maximum(tl.maximum(tmin_x, tmin_y), tmin_z)  # [BLOCK_R]
-    t1m = tl.minimum(tl.minimum(tmax_x, tmax_y), tmax_z)
-    t0 = tl.maximum(t0m, 0.0)
-    t1 = tl.minimum(t1m, 1.0)
-    length = tl.maximum(t1 - t0, 0.0)
-    t0s = tl.minimum(t0, 1.0)
     hit = mask_r & (length > 0)
     # Rays with L = 0 and t1 == t0 still get the dL term (clamp passes the gradient at 0), so
     # their samples (all at t0 <= 1) must be evaluated; other misses need no loads.
     live = mask_r & (t1 - t0 >= 0)
-    scale = length / n_samples  # [BLOCK_R]
-    wscale = tl.where(hit, w * scale, 0.0)
+    wscale = tl.where(hit, w * (length / n_samples), 0.0)  # [BLOCK_R]
+    fixed = _fixed_scale(scale_ptr, DETERMINISTIC)
 
-    acc_f = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
-    acc_gx = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
-    acc_gy = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
-    acc_gz = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
-    acc_ux = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
-    acc_uy = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
-    acc_uz = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
-    if DETERMINISTIC:
-        fixed = tl.load(scale_ptr)  # fp64 power of two
-    else:
-        fixed = 1.0  # unused
+    acc_f = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)  # sums of f, grad f and u grad f over the samples
+    acc_gx, acc_gy, acc_gz = tl.zeros_like(acc_f), tl.zeros_like(acc_f), tl.zeros_like(acc_f)
+    acc_ux, acc_uy, acc_uz = tl.zeros_like(acc_f), tl.zeros_like(acc_f), tl.zeros_like(acc_f)
     for start in range(0, n_samples, BLOCK_S):
-        u, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = _sample_cells(
-            start, phase, t0s, length, n_samples, live, sx, sy, sz, dx, dy, dz,
-            size_i, size_j, size_k, stride_i, stride_j, BLOCK_S, INT64, CDT,
-        )  # fmt: skip
+        x, y, z, u, m = _sample_points(ray, start, n_samples, live, BLOCK_S, CDT)  # [BLOCK_R, BLOCK_S]
+        cell = _grid_cells(x, y, z, m, grid, INT64)
         if NEED_POSE_GRAD:
-            f, gx, gy, gz = _value_grad(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT)
+            f, gx, gy, gz = _cell_value_grad(vol_ptr, cell, grid, CDT)
             acc_f += f
             acc_gx += gx
             acc_gy += gy
@@ -265,129 +221,89 @@ def _raymarch_bwd_kernel(
             acc_ux += u * gx
             acc_uy += u * gy
             acc_uz += u * gz
-        if NEED_VOLUME_GRAD:
-            # Adjoint of the 8 loads: the same offsets, masks and weights, times w L / S.
-            mv = hit[:, None]
+        if NEED_VOLUME_GRAD:  # adjoint of the 8 loads: the same offsets, masks and weights, times w L / S
             a = tl.broadcast_to(wscale[:, None], [BLOCK_R, BLOCK_S])
-            _scatter8(
-                grad_vol_ptr,
-                off,
-                fx,
-                fy,
-                fz,
-                a,
-                mi0,
-                mi1,
-                mv & m00,
-                mv & m01,
-                mv & m10,
-                mv & m11,
-                stride_i,
-                stride_j,
-                fixed,
-                DETERMINISTIC,
-            )
+            _cell_scatter(grad_vol_ptr, cell, a, hit[:, None], grid, fixed, DETERMINISTIC)
 
-    # End correction: the two end points as weighted samples of a [BLOCK_R, 2] block, weight
-    # +(phase - 1/2) at p_0end (u = 0) and -(phase - 1/2) at p_1end (u = 1). Only rays with L > 0
-    # need them: for L = 0 both ends coincide and the correction vanishes with its derivatives.
-    te, we, ue = _ends(t0s, length, phase)  # [BLOCK_R, 2]
-    off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = _corners(
-        sx[:, None] + te * dx[:, None],
-        sy[:, None] + te * dy[:, None],
-        sz[:, None] + te * dz[:, None],
-        hit[:, None] & (ue >= 0.0),
-        size_i,
-        size_j,
-        size_k,
-        stride_i,
-        stride_j,
-        INT64,
-    )
+    # End correction: the two end points as weighted samples (weights +c at u = 0, -c at u = 1).
+    # Only rays with L > 0 need them: for L = 0 the correction vanishes with its derivatives.
+    x, y, z, ue, me, we = _end_points(ray, hit)  # [BLOCK_R, 2]
+    cell = _grid_cells(x, y, z, me, grid, INT64)
     if NEED_VOLUME_GRAD:
-        _scatter8(
-            grad_vol_ptr,
-            off,
-            fx,
-            fy,
-            fz,
-            wscale[:, None] * we,
-            mi0,
-            mi1,
-            m00,
-            m01,
-            m10,
-            m11,
-            stride_i,
-            stride_j,
-            fixed,
-            DETERMINISTIC,
-        )
-
+        _cell_scatter(grad_vol_ptr, cell, wscale[:, None] * we, me, grid, fixed, DETERMINISTIC)
     if NEED_POSE_GRAD:
-        fe, gex, gey, gez = _value_grad(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT)
-        # Sums over the samples plus the weighted end points (u_end = 0, 1).
+        fe, gex, gey, gez = _cell_value_grad(vol_ptr, cell, grid, CDT)
         F = tl.sum(acc_f, axis=1) + tl.sum(we * fe, axis=1)  # [BLOCK_R]
-        Gx = tl.sum(acc_gx, axis=1) + tl.sum(we * gex, axis=1)
-        Gy = tl.sum(acc_gy, axis=1) + tl.sum(we * gey, axis=1)
-        Gz = tl.sum(acc_gz, axis=1) + tl.sum(we * gez, axis=1)
-        Ux = tl.sum(acc_ux, axis=1) + tl.sum(we * ue * gex, axis=1)
-        Uy = tl.sum(acc_uy, axis=1) + tl.sum(we * ue * gey, axis=1)
-        Uz = tl.sum(acc_uz, axis=1) + tl.sum(we * ue * gez, axis=1)
-        Hx = t0 * Gx + length * Ux  # sum_k t_k grad f
-        Hy = t0 * Gy + length * Uy
-        Hz = t0 * Gz + length * Uz
-        D0 = Gx * dx + Gy * dy + Gz * dz
-        D1 = Ux * dx + Uy * dy + Uz * dz
-
-        # Clip terms. t0 = clamp(max_a tmin_a, min=0): the argmax axes share the gradient.
-        sel0x = (tmin_x == t0m).to(CDT)
-        sel0y = (tmin_y == t0m).to(CDT)
-        sel0z = (tmin_z == t0m).to(CDT)
-        gate0 = tl.where(t0m >= 0.0, 1.0 / (sel0x + sel0y + sel0z), 0.0)
-        sel1x = (tmax_x == t1m).to(CDT)
-        sel1y = (tmax_y == t1m).to(CDT)
-        sel1z = (tmax_z == t1m).to(CDT)
-        gate1 = tl.where(t1m <= 1.0, 1.0 / (sel1x + sel1y + sel1z), 0.0)
-        gate_l = (t1 - t0 >= 0.0).to(CDT)
-        a0sx, a0ex = _slab_grad(tmin_x, dmx, small_x)
-        a0sy, a0ey = _slab_grad(tmin_y, dmy, small_y)
-        a0sz, a0ez = _slab_grad(tmin_z, dmz, small_z)
-        a1sx, a1ex = _slab_grad(tmax_x, dmx, small_x)
-        a1sy, a1ey = _slab_grad(tmax_y, dmy, small_y)
-        a1sz, a1ez = _slab_grad(tmax_z, dmz, small_z)
-        dt0_sx = gate0 * sel0x * a0sx
-        dt0_sy = gate0 * sel0y * a0sy
-        dt0_sz = gate0 * sel0z * a0sz
-        dt0_ex = gate0 * sel0x * a0ex
-        dt0_ey = gate0 * sel0y * a0ey
-        dt0_ez = gate0 * sel0z * a0ez
-        dl_sx = gate_l * (gate1 * sel1x * a1sx - dt0_sx)
-        dl_sy = gate_l * (gate1 * sel1y * a1sy - dt0_sy)
-        dl_sz = gate_l * (gate1 * sel1z * a1sz - dt0_sz)
-        dl_ex = gate_l * (gate1 * sel1x * a1ex - dt0_ex)
-        dl_ey = gate_l * (gate1 * sel1y * a1ey - dt0_ey)
-        dl_ez = gate_l * (gate1 * sel1z * a1ez - dt0_ez)
-
-        fs = F / n_samples
-        # The L/S term is zero for L = 0; tl.where keeps huge clip slopes of misses out of it.
-        ls = tl.where(hit, scale, 0.0)
-        wl = w * ls
-        wf = tl.where(live, w * fs, 0.0)
-        gsx = wf * dl_sx + tl.where(hit, wl * (Gx - Hx + D0 * dt0_sx + D1 * dl_sx), 0.0)
-        gsy = wf * dl_sy + tl.where(hit, wl * (Gy - Hy + D0 * dt0_sy + D1 * dl_sy), 0.0)
-        gsz = wf * dl_sz + tl.where(hit, wl * (Gz - Hz + D0 * dt0_sz + D1 * dl_sz), 0.0)
-        gex = wf * dl_ex + tl.where(hit, wl * (Hx + D0 * dt0_ex + D1 * dl_ex), 0.0)
-        gey = wf * dl_ey + tl.where(hit, wl * (Hy + D0 * dt0_ey + D1 * dl_ey), 0.0)
-        gez = wf * dl_ez + tl.where(hit, wl * (Hz + D0 * dt0_ez + D1 * dl_ez), 0.0)
-        gdt = grad_src_ptr.dtype.element_ty
+        G = (_row_sum(acc_gx, we, gex), _row_sum(acc_gy, we, gey), _row_sum(acc_gz, we, gez))
+        U = (_row_sum(acc_ux, we * ue, gex), _row_sum(acc_uy, we * ue, gey), _row_sum(acc_uz, we * ue, gez))
+        gs, ge = _pose_grad(ray, clip, t0, t1, F, G, U, w, n_samples, hit, live)
         o = (pid_b * n_rays + rays) * 3  # [BLOCK_R]
-        tl.store(grad_src_ptr + o + 0, gsx.to(gdt), mask=mask_r)
-        tl.store(grad_src_ptr + o + 1, gsy.to(gdt), mask=mask_r)
-        tl.store(grad_src_ptr + o + 2, gsz.to(gdt), mask=mask_r)
-        tl.store(grad_tgt_ptr + o + 0, gex.to(gdt), mask=mask_r)
-        tl.store(grad_tgt_ptr + o + 1, gey.to(gdt), mask=mask_r)
-        tl.store(grad_tgt_ptr + o + 2, gez.to(gdt), mask=mask_r)
+        _store3(grad_src_ptr + o, gs, mask_r)
+        _store3(grad_tgt_ptr + o, ge, mask_r)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel-side helpers of the trilinear rule (shared ones are in _common.py)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _program_rays(n_rays, INT64: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This program's pose index, its BLOCK_R ray indices and their mask."""
+    pid_b = tl.program_id(1)
+    if INT64:
+        pid_b = pid_b.to(tl.int64)
+    rays = _ray_block(tl.program_id(0), INT64, BLOCK_R)  # [BLOCK_R]
+    return pid_b, rays, rays < n_rays
+
+
+@triton.jit
+def _fixed_scale(scale_ptr, DETERMINISTIC: tl.constexpr):
+    if DETERMINISTIC:
+        return tl.load(scale_ptr)  # fp64 power of two
+    else:
+        return 1.0  # unused
+
+
+@triton.jit
+def _row_sum(acc, weight, end):
+    """Per-ray sum of a [R, S] sample accumulator plus the weighted [R, 2] end-point values. [R]"""
+    return tl.sum(acc, axis=1) + tl.sum(weight * end, axis=1)
+
+
+@triton.jit
+def _pose_grad_axis(cg, G, H, D0, D1, wf, wl, hit):
+    """dLoss/ds_a and dLoss/de_a from the clip derivatives ``cg`` of axis a (module docstring)."""
+    dt0_s, dt0_e, dl_s, dl_e = cg
+    # The L/S term is zero for L = 0; tl.where keeps huge clip slopes of misses out of it.
+    gs = wf * dl_s + tl.where(hit, wl * (G - H + D0 * dt0_s + D1 * dl_s), 0.0)
+    ge = wf * dl_e + tl.where(hit, wl * (H + D0 * dt0_e + D1 * dl_e), 0.0)
+    return gs, ge
+
+
+@triton.jit
+def _pose_grad(ray, clip, t0, t1, F, G, U, w, n_samples, hit, live):
+    """dLoss/ds and dLoss/de of each ray (3-tuples of [BLOCK_R]) from the weighted sums F, G, U."""
+    _sx, _sy, _sz, dx, dy, dz, _phase, _t0s, length = ray
+    D0 = G[0] * dx + G[1] * dy + G[2] * dz
+    D1 = U[0] * dx + U[1] * dy + U[2] * dz
+    cx, cy, cz = _clip_grad(clip, t0, t1)
+    wf = tl.where(live, w * (F / n_samples), 0.0)
+    wl = w * tl.where(hit, length / n_samples, 0.0)
+    # H_a = sum omega t grad_a f = t0 G_a + L U_a.
+    gx = _pose_grad_axis(cx, G[0], t0 * G[0] + length * U[0], D0, D1, wf, wl, hit)
+    gy = _pose_grad_axis(cy, G[1], t0 * G[1] + length * U[1], D0, D1, wf, wl, hit)
+    gz = _pose_grad_axis(cz, G[2], t0 * G[2] + length * U[2], D0, D1, wf, wl, hit)
+    return (gx[0], gy[0], gz[0]), (gx[1], gy[1], gz[1])
+
+
+@triton.jit
+def _store3(ptr, v, mask):
+    """Store a 3-tuple of [BLOCK_R] at ptr + 0, 1, 2 (ptr: [BLOCK_R] pointers)."""
+    dt = ptr.dtype.element_ty
+    tl.store(ptr + 0, v[0].to(dt), mask=mask)
+    tl.store(ptr + 1, v[1].to(dt), mask=mask)
+    tl.store(ptr + 2, v[2].to(dt), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
