@@ -103,9 +103,14 @@ def _sample_cells(
 @triton.jit
 def _value(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT: tl.constexpr):
     """Trilinear value f at the points of a block. [R, S]"""
-    v000, v001, v010, v011, v100, v101, v110, v111 = _load8(
-        vol_ptr, off, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT
-    )
+    v = _load8(vol_ptr, off, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT)
+    return _interp8(v, fx, fy, fz)
+
+
+@triton.jit
+def _interp8(v, fx, fy, fz):
+    """Trilinear interpolation of the 8 corner values v = (v000, v001, ..., v111). [R, S]"""
+    v000, v001, v010, v011, v100, v101, v110, v111 = v
     # Interpolate along k, then j, then i.
     c00 = v000 + fz * (v001 - v000)
     c01 = v010 + fz * (v011 - v010)
@@ -119,9 +124,14 @@ def _value(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, str
 @triton.jit
 def _value_grad(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT: tl.constexpr):
     """Trilinear value f and its gradient (gx, gy, gz) at the points of a block. Each [R, S]."""
-    v000, v001, v010, v011, v100, v101, v110, v111 = _load8(
-        vol_ptr, off, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT
-    )
+    v = _load8(vol_ptr, off, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT)
+    return _interp8_grad(v, fx, fy, fz)
+
+
+@triton.jit
+def _interp8_grad(v, fx, fy, fz):
+    """Trilinear value f and gradient (gx, gy, gz) of the 8 corner values v. Each [R, S]."""
+    v000, v001, v010, v011, v100, v101, v110, v111 = v
     # Along k: values and k-differences of the four (i, j) edges.
     c00 = v000 + fz * (v001 - v000)
     c01 = v010 + fz * (v011 - v010)
@@ -363,3 +373,120 @@ def _clip_grad(clip, t0, t1):
     gy = _clip_axis_grad(ay, t0m, t1m, gate0, gate1, gate_l)
     gz = _clip_axis_grad(az, t0m, t1m, gate0, gate1, gate_l)
     return gx, gy, gz
+
+
+# ----------------------------------------------------------------------------------------------
+# Labelmap channels: hard labels (nearest voxel, round half to even) and soft labels (per corner).
+# Channel accumulators are [BLOCK_R, BLOCK_C] blocks (BLOCK_C = next power of two >= N_CHANNELS)
+# updated by a loop over the channels: [R, S] temporaries only, O(N_CHANNELS) per sample. The loop
+# is a runtime loop (not tl.static_range): unrolled, soft labels with C = 32 took minutes to compile.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_half_even(x, n, INT64: tl.constexpr):
+    """Nearest integer of x [R, S] (ties to even, as torch.round and grid_sample's nearest mode)
+    and whether it indexes one of the n voxels."""
+    x = tl.minimum(tl.maximum(x, -2.0), n + 1.0)  # as in _cell: the predicate is unchanged
+    fl = tl.floor(x)
+    frac = x - fl  # exact
+    odd = (fl - 2.0 * tl.floor(fl * 0.5)) == 1.0
+    r = fl + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
+    if INT64:
+        i = r.to(tl.int64)
+    else:
+        i = r.to(tl.int32)
+    return i, (i >= 0) & (i < n)
+
+
+@triton.jit
+def _nearest_label(labels_ptr, x, y, z, m, grid, N_CHANNELS: tl.constexpr, INT64: tl.constexpr):
+    """Channel of each point (x, y, z) [R, S]: its nearest voxel's label clamped to [0, N_CHANNELS),
+    0 outside the grid or where m is False. int32 [R, S]."""
+    size_i, size_j, size_k, stride_i, stride_j = grid
+    ri, inside_i = _round_half_even(x, size_i, INT64)
+    rj, inside_j = _round_half_even(y, size_j, INT64)
+    rk, inside_k = _round_half_even(z, size_k, INT64)
+    inside = m & inside_i & inside_j & inside_k
+    label = tl.load(labels_ptr + (ri * stride_i + rj * stride_j + rk), mask=inside, other=0).to(tl.int32)
+    return tl.minimum(tl.maximum(label, 0), N_CHANNELS - 1)
+
+
+@triton.jit
+def _cell_labels(labels_ptr, cell, grid):
+    """The labels of the 8 corners of ``cell`` (0 where a corner is outside the grid). 8 x int32 [R, S]."""
+    off, _fx, _fy, _fz, mi0, mi1, m00, m01, m10, m11 = cell
+    return _load8(labels_ptr, off, mi0, mi1, m00, m01, m10, m11, grid[3], grid[4], tl.int32)
+
+
+@triton.jit
+def _weights8(fx, fy, fz):
+    """The 8 trilinear corner weights, in _load8's corner order. Each [R, S]."""
+    gx0 = 1.0 - fx
+    w00 = (1.0 - fy) * (1.0 - fz)
+    w01 = (1.0 - fy) * fz
+    w10 = fy * (1.0 - fz)
+    w11 = fy * fz
+    return gx0 * w00, gx0 * w01, gx0 * w10, gx0 * w11, fx * w00, fx * w01, fx * w10, fx * w11
+
+
+@triton.jit
+def _route(acc, value, channel, N_CHANNELS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """acc [R, BLOCK_C] plus, per ray, the sum of value [R, S] over the samples of each channel."""
+    chan = tl.arange(0, BLOCK_C)[None, :]  # [1, BLOCK_C]
+    for c in range(N_CHANNELS):
+        part = tl.sum(tl.where(channel == c, value, 0.0), axis=1)  # [R]
+        acc += tl.where(chan == c, part[:, None], 0.0)
+    return acc
+
+
+@triton.jit
+def _route8(acc, values, labels, N_CHANNELS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``_route`` of 8 per-corner values [R, S] with their own channels (soft labels)."""
+    chan = tl.arange(0, BLOCK_C)[None, :]  # [1, BLOCK_C]
+    for c in range(N_CHANNELS):
+        part = tl.where(labels[0] == c, values[0], 0.0)
+        for q in tl.static_range(1, 8):
+            part += tl.where(labels[q] == c, values[q], 0.0)
+        acc += tl.where(chan == c, tl.sum(part, axis=1)[:, None], 0.0)
+    return acc
+
+
+@triton.jit
+def _label_gather(gout_ptr, label, rays, n_rays, mask, N_CHANNELS: tl.constexpr):
+    """grad_out[label, ray] of one pose (gout_ptr: its (C, N) block) at each point. [R, S]"""
+    ok = mask & (label >= 0) & (label < N_CHANNELS)
+    return tl.load(gout_ptr + label * n_rays + rays[:, None], mask=ok, other=0.0)
+
+
+@triton.jit
+def _cell_load8(vol_ptr, cell, grid, CDT: tl.constexpr):
+    """The 8 corner values of ``cell`` (masked corners read 0), upcast to CDT. 8 x [R, S]."""
+    off, _fx, _fy, _fz, mi0, mi1, m00, m01, m10, m11 = cell
+    return _load8(vol_ptr, off, mi0, mi1, m00, m01, m10, m11, grid[3], grid[4], CDT)
+
+
+@triton.jit
+def _products8(a, b, s):
+    """(a_q b_q s) for the 8 corners q. a, b: 8-tuples of [R, S]; s: [R, S] or scalar."""
+    return (
+        a[0] * b[0] * s, a[1] * b[1] * s, a[2] * b[2] * s, a[3] * b[3] * s,
+        a[4] * b[4] * s, a[5] * b[5] * s, a[6] * b[6] * s, a[7] * b[7] * s,
+    )  # fmt: skip
+
+
+@triton.jit
+def _scatter_corners(grad_vol_ptr, cell, a, mask, grid, fixed, DETERMINISTIC: tl.constexpr):
+    """Atomic add of the 8 per-corner amounts a (8 x [R, S], _load8's corner order) under the cell's masks & mask."""
+    off, _fx, _fy, _fz, mi0, mi1, m00, m01, m10, m11 = cell
+    stride_i = grid[3]
+    stride_j = grid[4]
+    ptr = grad_vol_ptr + off
+    _scatter(ptr, a[0], mask & m00 & mi0, fixed, DETERMINISTIC)
+    _scatter(ptr + 1, a[1], mask & m01 & mi0, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_j, a[2], mask & m10 & mi0, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_j + 1, a[3], mask & m11 & mi0, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_i, a[4], mask & m00 & mi1, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_i + 1, a[5], mask & m01 & mi1, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_i + stride_j, a[6], mask & m10 & mi1, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_i + stride_j + 1, a[7], mask & m11 & mi1, fixed, DETERMINISTIC)

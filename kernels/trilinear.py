@@ -1,6 +1,6 @@
 r"""Fused ray marching through a trilinear volume: forward and backward Triton kernels, then launchers.
 
-The kernels compute exactly ``tritondrr.renderers.trilinear.naive.raymarch`` (no labels) for flat rays: pose ``b``,
+The kernels compute exactly ``tritondrr.renderers.trilinear.naive.raymarch`` for flat rays: pose ``b``,
 ray ``r``, source ``s`` (shared per pose or per ray), target ``e``, all in index coordinates,
 and a sampling phase ``phase[r]`` in [0, 1) per ray (shared by all poses).
 
@@ -61,10 +61,18 @@ or fp64 for gradchecks) whatever the volume's dtype (fp32/fp16/bf16/fp64 loads a
 are spatial neighbours, which is what the gathers' cache reuse needs. ``INT64`` (constexpr) turns
 on int64 offsets when the volume or the rays pass 2^31 elements.
 
-Labelmap hook (not implemented): channels would be a constexpr ``N_CHANNELS`` with a per-sample
-label gathered from the nearest voxel (round half to even) routing each sample's value into one
-of ``N_CHANNELS`` accumulators; the output offset already carries the layout ``(B, C, N)`` with
-``C = 1``.
+Labelmap channels (``N_CHANNELS`` > 1, a constexpr: the C = 1 specialisation is the plain kernel,
+instruction for instruction). ``labels`` holds a channel index per voxel. Hard labels: each point
+(sample or end point) goes to the channel of its nearest voxel's label, round half to even
+(``torch.round``, and ``grid_sample``'s nearest mode used by the reference), channel 0 outside the
+grid. Soft labels (``SOFT_LABELS``): each of the point's 8 trilinear corner weights goes to its
+corner's channel, so channel c is exactly the plain rule applied to ``V * (labels == c)``. The
+forward keeps ``[BLOCK_R, BLOCK_C]`` channel sums updated per sample block by a loop over the
+channels (O(C) selects per sample, [R, S] temporaries only). The backward gathers, per point (hard)
+or per corner (soft), the upstream gradient of its channel ``sig = grad_out[b, label, r]`` and runs
+the single-channel formulas above with ``omega sig`` in place of ``w omega``: the labels are
+piecewise constant, so they carry no pose gradient. Volume gradient: ``L/S omega sig`` times the
+corner weights.
 """
 
 from __future__ import annotations
@@ -96,6 +104,16 @@ from ._common import (  # noqa: F401 (shared with the other renderers' kernels)
     _cell_value_grad,
     _cell_scatter,
     _clip_grad,
+    _cell_load8,
+    _cell_labels,
+    _interp8_grad,
+    _label_gather,
+    _nearest_label,
+    _products8,
+    _route,
+    _route8,
+    _scatter_corners,
+    _weights8,
 )
 
 __all__ = [
@@ -116,10 +134,11 @@ __all__ = [
 @triton.jit
 def _raymarch_fwd_kernel(
     vol_ptr,  # (I, J, K) contiguous, fp32/fp16/bf16/fp64
+    labels_ptr,  # (I, J, K) int64 channel indices in [0, N_CHANNELS) (unused when N_CHANNELS == 1)
     src_ptr,  # (B, 1, 3) or (B, N, 3) contiguous, fp32/fp64
     tgt_ptr,  # (B, N, 3) contiguous, same dtype as src
     phase_ptr,  # (N,) contiguous, same dtype as src: the rays' sampling phases in [0, 1)
-    out_ptr,  # (B, 1, N) in the rays' dtype
+    out_ptr,  # (B, C, N) in the rays' dtype
     n_rays,
     src_stride_b,  # 3 for a shared source, 3 N otherwise
     src_stride_r,  # 0 for a shared source, 3 otherwise
@@ -135,9 +154,12 @@ def _raymarch_fwd_kernel(
     hi1,
     hi2,
     n_samples,
+    N_CHANNELS: tl.constexpr,
+    SOFT_LABELS: tl.constexpr,
     INT64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     CDT = src_ptr.dtype.element_ty  # accumulation dtype: the rays' (fp32, or fp64 in tests)
     pid_b, rays, mask_r = _program_rays(n_rays, INT64, BLOCK_R)
@@ -147,25 +169,41 @@ def _raymarch_fwd_kernel(
     length = ray[8]
     hit = mask_r & (length > 0)  # rays with L = 0 need no loads at all
 
-    acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
+    if N_CHANNELS == 1:
+        acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
+    else:
+        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=CDT)  # per-channel sums
     for start in range(0, n_samples, BLOCK_S):
         x, y, z, _u, m = _sample_points(ray, start, n_samples, hit, BLOCK_S, CDT)  # [BLOCK_R, BLOCK_S]
-        acc += _cell_value(vol_ptr, _grid_cells(x, y, z, m, grid, INT64), grid, CDT)
+        cell = _grid_cells(x, y, z, m, grid, INT64)
+        if N_CHANNELS == 1:
+            acc += _cell_value(vol_ptr, cell, grid, CDT)
+        else:
+            acc = _channel_sums(acc, vol_ptr, labels_ptr, x, y, z, m, cell, grid, 1.0, N_CHANNELS, SOFT_LABELS, BLOCK_C, INT64, CDT)
 
     # End correction: -(phase - 1/2) (f(p_1end) - f(p_0end)), both ends as one [BLOCK_R, 2] block.
     x, y, z, _ue, me, we = _end_points(ray, hit)
-    fe = _cell_value(vol_ptr, _grid_cells(x, y, z, me, grid, INT64), grid, CDT)  # [BLOCK_R, 2]
-    g = (tl.sum(acc, axis=1) + tl.sum(we * fe, axis=1)) * (length / n_samples)  # [BLOCK_R]
-    tl.store(out_ptr + pid_b * n_rays + rays, g.to(out_ptr.dtype.element_ty), mask=mask_r)
+    cell = _grid_cells(x, y, z, me, grid, INT64)
+    scale = length / n_samples  # [BLOCK_R]
+    if N_CHANNELS == 1:
+        fe = _cell_value(vol_ptr, cell, grid, CDT)  # [BLOCK_R, 2]
+        g = (tl.sum(acc, axis=1) + tl.sum(we * fe, axis=1)) * scale  # [BLOCK_R]
+        tl.store(out_ptr + pid_b * n_rays + rays, g.to(out_ptr.dtype.element_ty), mask=mask_r)
+    else:
+        acc = _channel_sums(acc, vol_ptr, labels_ptr, x, y, z, me, cell, grid, we, N_CHANNELS, SOFT_LABELS, BLOCK_C, INT64, CDT)
+        chan = tl.arange(0, BLOCK_C)[None, :]
+        out = out_ptr + (pid_b * N_CHANNELS + chan) * n_rays + rays[:, None]  # [BLOCK_R, BLOCK_C]
+        tl.store(out, (acc * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & (chan < N_CHANNELS))
 
 
 @triton.jit
 def _raymarch_bwd_kernel(
     vol_ptr,  # (I, J, K) contiguous
+    labels_ptr,  # (I, J, K) int64 (unused when N_CHANNELS == 1)
     src_ptr,  # (B, 1, 3) or (B, N, 3)
     tgt_ptr,  # (B, N, 3)
     phase_ptr,  # (N,) the rays' dtype
-    grad_out_ptr,  # (B, 1, N) contiguous, the rays' dtype
+    grad_out_ptr,  # (B, C, N) contiguous, the rays' dtype
     grad_src_ptr,  # (B, N, 3) per-ray source gradient (summed over rays by the launcher if shared)
     grad_tgt_ptr,  # (B, N, 3)
     grad_vol_ptr,  # (I, J, K): fp32/fp64 atomic buffer, or int64 fixed point when DETERMINISTIC
@@ -188,6 +226,8 @@ def _raymarch_bwd_kernel(
     NEED_POSE_GRAD: tl.constexpr,
     NEED_VOLUME_GRAD: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
+    N_CHANNELS: tl.constexpr,
+    SOFT_LABELS: tl.constexpr,
     INT64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -198,7 +238,11 @@ def _raymarch_bwd_kernel(
     box = (lo0, lo1, lo2, hi0, hi1, hi2)
     ray, clip, t0, t1 = _ray_prologue(src_ptr, tgt_ptr, phase_ptr, pid_b, rays, n_rays, src_stride_b, src_stride_r, mask_r, box)
     length = ray[8]
-    w = tl.load(grad_out_ptr + pid_b * n_rays + rays, mask=mask_r, other=0.0).to(CDT)  # [BLOCK_R]
+    gout_ptr = grad_out_ptr + pid_b * N_CHANNELS * n_rays  # this pose's (C, N) block
+    if N_CHANNELS == 1:
+        w = tl.load(gout_ptr + rays, mask=mask_r, other=0.0).to(CDT)  # [BLOCK_R]
+    else:
+        w = tl.full([BLOCK_R], 1.0, CDT)  # channels: each point carries its own weight (sig below)
     hit = mask_r & (length > 0)
     # Rays with L = 0 and t1 == t0 still get the dL term (clamp passes the gradient at 0), so
     # their samples (all at t0 <= 1) must be evaluated; other misses need no loads.
@@ -212,8 +256,9 @@ def _raymarch_bwd_kernel(
     for start in range(0, n_samples, BLOCK_S):
         x, y, z, u, m = _sample_points(ray, start, n_samples, live, BLOCK_S, CDT)  # [BLOCK_R, BLOCK_S]
         cell = _grid_cells(x, y, z, m, grid, INT64)
+        sig = _point_weights(labels_ptr, gout_ptr, rays, n_rays, x, y, z, m, cell, grid, N_CHANNELS, SOFT_LABELS, INT64)
         if NEED_POSE_GRAD:
-            f, gx, gy, gz = _cell_value_grad(vol_ptr, cell, grid, CDT)
+            f, gx, gy, gz = _weighted_value_grad(vol_ptr, cell, sig, grid, N_CHANNELS, SOFT_LABELS, CDT)
             acc_f += f
             acc_gx += gx
             acc_gy += gy
@@ -223,16 +268,18 @@ def _raymarch_bwd_kernel(
             acc_uz += u * gz
         if NEED_VOLUME_GRAD:  # adjoint of the 8 loads: the same offsets, masks and weights, times w L / S
             a = tl.broadcast_to(wscale[:, None], [BLOCK_R, BLOCK_S])
-            _cell_scatter(grad_vol_ptr, cell, a, hit[:, None], grid, fixed, DETERMINISTIC)
+            _weighted_scatter(grad_vol_ptr, cell, a, sig, hit[:, None], grid, fixed, N_CHANNELS, SOFT_LABELS, DETERMINISTIC)
 
     # End correction: the two end points as weighted samples (weights +c at u = 0, -c at u = 1).
     # Only rays with L > 0 need them: for L = 0 the correction vanishes with its derivatives.
     x, y, z, ue, me, we = _end_points(ray, hit)  # [BLOCK_R, 2]
     cell = _grid_cells(x, y, z, me, grid, INT64)
+    sig = _point_weights(labels_ptr, gout_ptr, rays, n_rays, x, y, z, me, cell, grid, N_CHANNELS, SOFT_LABELS, INT64)
     if NEED_VOLUME_GRAD:
-        _cell_scatter(grad_vol_ptr, cell, wscale[:, None] * we, me, grid, fixed, DETERMINISTIC)
+        a = wscale[:, None] * we
+        _weighted_scatter(grad_vol_ptr, cell, a, sig, me, grid, fixed, N_CHANNELS, SOFT_LABELS, DETERMINISTIC)
     if NEED_POSE_GRAD:
-        fe, gex, gey, gez = _cell_value_grad(vol_ptr, cell, grid, CDT)
+        fe, gex, gey, gez = _weighted_value_grad(vol_ptr, cell, sig, grid, N_CHANNELS, SOFT_LABELS, CDT)
         F = tl.sum(acc_f, axis=1) + tl.sum(we * fe, axis=1)  # [BLOCK_R]
         G = (_row_sum(acc_gx, we, gex), _row_sum(acc_gy, we, gey), _row_sum(acc_gz, we, gez))
         U = (_row_sum(acc_ux, we * ue, gex), _row_sum(acc_uy, we * ue, gey), _row_sum(acc_uz, we * ue, gez))
@@ -255,6 +302,75 @@ def _program_rays(n_rays, INT64: tl.constexpr, BLOCK_R: tl.constexpr):
         pid_b = pid_b.to(tl.int64)
     rays = _ray_block(tl.program_id(0), INT64, BLOCK_R)  # [BLOCK_R]
     return pid_b, rays, rays < n_rays
+
+
+@triton.jit
+def _channel_sums(
+    acc, vol_ptr, labels_ptr, x, y, z, m, cell, grid, weight,
+    N_CHANNELS: tl.constexpr, SOFT_LABELS: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr, CDT: tl.constexpr,
+):  # fmt: skip
+    """acc [R, BLOCK_C] plus weight x the points' values routed to their channels (hard or soft labels)."""
+    if SOFT_LABELS:
+        v = _cell_load8(vol_ptr, cell, grid, CDT)
+        contributions = _products8(v, _weights8(cell[1], cell[2], cell[3]), weight)
+        return _route8(acc, contributions, _cell_labels(labels_ptr, cell, grid), N_CHANNELS, BLOCK_C)
+    else:
+        channel = _nearest_label(labels_ptr, x, y, z, m, grid, N_CHANNELS, INT64)
+        return _route(acc, _cell_value(vol_ptr, cell, grid, CDT) * weight, channel, N_CHANNELS, BLOCK_C)
+
+
+@triton.jit
+def _point_weights(
+    labels_ptr, gout_ptr, rays, n_rays, x, y, z, m, cell, grid,
+    N_CHANNELS: tl.constexpr, SOFT_LABELS: tl.constexpr, INT64: tl.constexpr,
+):  # fmt: skip
+    """Upstream gradient of each point's channel: grad_out[label, ray], [R, S] (hard labels), or
+    of each corner's channel, 8 x [R, S] (soft labels). 1 (unused) without channels."""
+    if N_CHANNELS == 1:
+        return 1.0
+    elif SOFT_LABELS:
+        lab = _cell_labels(labels_ptr, cell, grid)
+        return (
+            _label_gather(gout_ptr, lab[0], rays, n_rays, m, N_CHANNELS),
+            _label_gather(gout_ptr, lab[1], rays, n_rays, m, N_CHANNELS),
+            _label_gather(gout_ptr, lab[2], rays, n_rays, m, N_CHANNELS),
+            _label_gather(gout_ptr, lab[3], rays, n_rays, m, N_CHANNELS),
+            _label_gather(gout_ptr, lab[4], rays, n_rays, m, N_CHANNELS),
+            _label_gather(gout_ptr, lab[5], rays, n_rays, m, N_CHANNELS),
+            _label_gather(gout_ptr, lab[6], rays, n_rays, m, N_CHANNELS),
+            _label_gather(gout_ptr, lab[7], rays, n_rays, m, N_CHANNELS),
+        )
+    else:
+        channel = _nearest_label(labels_ptr, x, y, z, m, grid, N_CHANNELS, INT64)
+        return _label_gather(gout_ptr, channel, rays, n_rays, m, N_CHANNELS)
+
+
+@triton.jit
+def _weighted_value_grad(vol_ptr, cell, sig, grid, N_CHANNELS: tl.constexpr, SOFT_LABELS: tl.constexpr, CDT: tl.constexpr):
+    """f and grad f of the field weighted by the points' (or corners') upstream gradients ``sig``."""
+    if N_CHANNELS == 1:
+        return _cell_value_grad(vol_ptr, cell, grid, CDT)
+    elif SOFT_LABELS:  # the interpolant of the corner values v_q sig_q
+        v = _cell_load8(vol_ptr, cell, grid, CDT)
+        return _interp8_grad(_products8(v, sig, 1.0), cell[1], cell[2], cell[3])
+    else:
+        f, gx, gy, gz = _cell_value_grad(vol_ptr, cell, grid, CDT)
+        return sig * f, sig * gx, sig * gy, sig * gz
+
+
+@triton.jit
+def _weighted_scatter(
+    grad_vol_ptr, cell, a, sig, mask, grid, fixed,
+    N_CHANNELS: tl.constexpr, SOFT_LABELS: tl.constexpr, DETERMINISTIC: tl.constexpr,
+):  # fmt: skip
+    """Adjoint of ``_channel_sums`` applied to the upstream gradients: a [R, S] x sig x corner weights."""
+    if N_CHANNELS == 1:
+        _cell_scatter(grad_vol_ptr, cell, a, mask, grid, fixed, DETERMINISTIC)
+    elif SOFT_LABELS:
+        amounts = _products8(_weights8(cell[1], cell[2], cell[3]), sig, a)
+        _scatter_corners(grad_vol_ptr, cell, amounts, mask, grid, fixed, DETERMINISTIC)
+    else:
+        _cell_scatter(grad_vol_ptr, cell, a * sig, mask, grid, fixed, DETERMINISTIC)
 
 
 @triton.jit
@@ -322,7 +438,7 @@ def needs_int64(shape: tuple[int, int, int], n_ray_elements: int) -> bool:
     """int64 offsets when any offset the kernels form can pass 2^31 - 1.
 
     Offsets of masked-out corners reach one cell beyond the grid on each side, hence the +2.
-    ``n_ray_elements`` is B * N * 3 (the largest ray-buffer offset).
+    ``n_ray_elements`` is B * N * max(3, C) (the largest ray- or output-buffer offset).
     """
     i, j, k = shape
     return (i + 2) * (j + 2) * (k + 2) >= 2**31 or n_ray_elements + 3 >= 2**31
@@ -345,13 +461,13 @@ def launch_config(n_rays: int, n_samples: int, backward: bool = False) -> tuple[
     return min(block_r, max(16, r_pow2)), block_s, 4
 
 
-def _common_args(density, source, target, lo, hi, n_samples):
+def _common_args(density, source, target, lo, hi, n_samples, n_channels=1):
     batch, n_rays, _ = target.shape
     size_i, size_j, size_k = density.shape
     shared = source.shape[1] == 1
     src_stride_b = 3 if shared else 3 * n_rays
     src_stride_r = 0 if shared else 3
-    int64 = needs_int64(tuple(density.shape), batch * n_rays * 3)
+    int64 = needs_int64(tuple(density.shape), batch * n_rays * max(3, n_channels))
     args = (
         n_rays,
         src_stride_b,
@@ -391,6 +507,9 @@ def raymarch_forward(
     out: torch.Tensor | None = None,
     block_r: int | None = None,
     block_s: int | None = None,
+    labels: torch.Tensor | None = None,
+    n_channels: int = 1,
+    soft_labels: bool = False,
 ) -> torch.Tensor:
     """Launch the forward kernel. Inputs must already be validated and contiguous (``tritondrr.ops``).
 
@@ -402,25 +521,40 @@ def raymarch_forward(
             (shared by all poses).
         lo, hi: 3 floats each, the box (index coordinates; passed to the kernel as fp32).
         n_samples: samples per ray.
-        out: optional (B, 1, N) output buffer (tests pass a NaN-filled one).
+        out: optional (B, C, N) output buffer (tests pass a NaN-filled one).
         block_r, block_s: override the launch heuristic (tests of the tail masks).
+        labels: optional (I, J, K) contiguous int64 channel index of every voxel, in [0, n_channels).
+        n_channels: C, the number of output channels (1 without labels).
+        soft_labels: route each corner's trilinear weight to its own label's channel, instead of
+            each point to its nearest voxel's label's channel.
 
     Returns:
-        (B, 1, N) in the rays' dtype.
+        (B, C, N) in the rays' dtype.
     """
     batch, n_rays, _ = target.shape
+    n_channels = n_channels if labels is not None else 1
     if out is None:
-        out = torch.empty((batch, 1, n_rays), device=target.device, dtype=target.dtype)
+        out = torch.empty((batch, n_channels, n_rays), device=target.device, dtype=target.dtype)
     if batch == 0 or n_rays == 0:
         return out
     br, bs, warps = launch_config(n_rays, n_samples)
     br, bs = block_r or br, block_s or bs
-    args, int64 = _common_args(density, source, target, lo, hi, n_samples)
+    args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels)
     grid = (triton.cdiv(n_rays, br), batch)
     _wrap(_raymarch_fwd_kernel)[grid](
-        density, source, target, phase, out, *args, INT64=int64, BLOCK_R=br, BLOCK_S=bs, num_warps=warps
-    )
+        density, labels if labels is not None else density, source, target, phase, out, *args,
+        **_channel_flags(n_channels, soft_labels), INT64=int64, BLOCK_R=br, BLOCK_S=bs,
+        BLOCK_C=_block_c(n_channels), num_warps=warps,
+    )  # fmt: skip
     return out
+
+
+def _channel_flags(n_channels: int, soft_labels: bool) -> dict:
+    return dict(N_CHANNELS=n_channels, SOFT_LABELS=bool(soft_labels) and n_channels > 1)
+
+
+def _block_c(n_channels: int) -> int:
+    return triton.next_power_of_2(max(n_channels, 1))
 
 
 def fixed_point_scale(grad_out: torch.Tensor) -> torch.Tensor:
@@ -452,16 +586,21 @@ def raymarch_backward(
     deterministic: bool = False,
     block_r: int | None = None,
     block_s: int | None = None,
+    labels: torch.Tensor | None = None,
+    n_channels: int = 1,
+    soft_labels: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward kernel: ``(grad_density, grad_source, grad_target)``, None where not asked.
 
-    ``grad_out`` is (B, 1, N) contiguous; ``phase`` is (N,) as in ``raymarch_forward``.
+    ``grad_out`` is (B, C, N) contiguous; ``phase``, ``labels``, ``n_channels`` and ``soft_labels``
+    as in ``raymarch_forward``.
     ``grad_source`` has ``source``'s shape (per-ray source gradients are summed over rays for a
     shared source, deterministically). ``grad_density`` has ``density``'s dtype; it is accumulated
     in fp32 (fp64 for fp64 volumes) with float atomics, or in 64-bit fixed point when
     ``deterministic`` (bitwise repeatable; module docstring).
     """
     batch, n_rays, _ = target.shape
+    n_channels = n_channels if labels is not None else 1
     dev, rdt = target.device, target.dtype
     grad_src = grad_tgt = grad_vol = None
     if need_pose:
@@ -478,11 +617,12 @@ def raymarch_backward(
     if (need_pose or need_volume) and batch > 0 and n_rays > 0:
         br, bs, warps = launch_config(n_rays, n_samples, backward=True)
         br, bs = block_r or br, block_s or bs
-        args, int64 = _common_args(density, source, target, lo, hi, n_samples)
+        args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels)
         grid = (triton.cdiv(n_rays, br), batch)
         dummy = grad_out  # stands in for buffers a specialisation never touches
         _wrap(_raymarch_bwd_kernel)[grid](
             density,
+            labels if labels is not None else density,
             source,
             target,
             phase,
@@ -495,6 +635,7 @@ def raymarch_backward(
             NEED_POSE_GRAD=need_pose,
             NEED_VOLUME_GRAD=need_volume,
             DETERMINISTIC=deterministic and need_volume,
+            **_channel_flags(n_channels, soft_labels),
             INT64=int64,
             BLOCK_R=br,
             BLOCK_S=bs,

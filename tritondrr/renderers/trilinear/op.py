@@ -1,7 +1,7 @@
 """The trilinear renderer's Triton backend as ``torch.library`` custom ops with autograd: ``raymarch``.
 
 ``raymarch(density, source, target, phase, lo, hi, n_samples, *, deterministic=False)``
-computes exactly ``naive.raymarch`` (no labels) with the kernels of
+computes exactly ``naive.raymarch`` (labelmap channels included) with the kernels of
 ``tritondrr.kernels.trilinear``: per ray, the rectangle rule with the ray's sampling ``phase``
 plus the Euler-Maclaurin end correction (the kernels' module docstring). Two ops are registered:
 
@@ -31,7 +31,7 @@ from tritondrr.kernels import trilinear as _kernels
 
 from ..._config import interpreting
 
-__all__ = ["raymarch"]
+__all__ = ["MAX_CHANNELS", "raymarch"]
 
 _VOLUME_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _RAY_DTYPES = (torch.float32, torch.float64)
@@ -62,13 +62,18 @@ def _forward_impl(
     hi: Sequence[float],
     n_samples: int,
     deterministic: bool,
+    labels: torch.Tensor | None = None,
+    n_channels: int = 1,
+    soft_labels: bool = False,
 ) -> torch.Tensor:
-    return _kernels.raymarch_forward(density, source, target, phase, lo, hi, n_samples)
+    return _kernels.raymarch_forward(
+        density, source, target, phase, lo, hi, n_samples, labels=labels, n_channels=n_channels, soft_labels=soft_labels
+    )
 
 
-def _forward_fake(density, source, target, phase, lo, hi, n_samples, deterministic):
+def _forward_fake(density, source, target, phase, lo, hi, n_samples, deterministic, labels=None, n_channels=1, soft_labels=False):
     batch, n_rays, _ = target.shape
-    return target.new_empty((batch, 1, n_rays))
+    return target.new_empty((batch, n_channels if labels is not None else 1, n_rays))
 
 
 _raymarch_op = _define("tritondrr::raymarch", _forward_impl, _forward_fake)
@@ -91,6 +96,9 @@ def _backward_impl(
     need_pose: bool,
     need_volume: bool,
     deterministic: bool,
+    labels: torch.Tensor | None = None,
+    n_channels: int = 1,
+    soft_labels: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_vol, grad_src, grad_tgt = _kernels.raymarch_backward(
         grad_out,
@@ -104,6 +112,9 @@ def _backward_impl(
         need_pose=need_pose,
         need_volume=need_volume,
         deterministic=deterministic,
+        labels=labels,
+        n_channels=n_channels,
+        soft_labels=soft_labels,
     )
     # Custom ops return tensors: empty ones stand for gradients nobody asked for.
     if grad_vol is None:
@@ -114,7 +125,10 @@ def _backward_impl(
     return grad_vol, grad_src, grad_tgt
 
 
-def _backward_fake(grad_out, density, source, target, phase, lo, hi, n_samples, need_pose, need_volume, deterministic):
+def _backward_fake(
+    grad_out, density, source, target, phase, lo, hi, n_samples, need_pose, need_volume, deterministic,
+    labels=None, n_channels=1, soft_labels=False,
+):  # fmt: skip
     grad_vol = density.new_empty(density.shape if need_volume else (0,))
     grad_src = source.new_empty(source.shape if need_pose else (0,))
     grad_tgt = target.new_empty(target.shape if need_pose else (0,))
@@ -125,31 +139,28 @@ _raymarch_backward_op = _define("tritondrr::raymarch_backward", _backward_impl, 
 
 
 def _setup_context(ctx, inputs, output):
-    density, source, target, phase, lo, hi, n_samples, deterministic = inputs
-    ctx.save_for_backward(density, source, target, phase)
-    ctx.config = (list(lo), list(hi), n_samples, deterministic)
+    density, source, target, phase, lo, hi, n_samples, deterministic, labels, n_channels, soft_labels = inputs
+    ctx.save_for_backward(density, source, target, phase, labels)
+    ctx.config = (list(lo), list(hi), n_samples, deterministic, n_channels, soft_labels)
 
 
 def _backward(ctx, grad_out):
-    density, source, target, phase = ctx.saved_tensors
-    lo, hi, n_samples, deterministic = ctx.config
+    density, source, target, phase, labels = ctx.saved_tensors
+    lo, hi, n_samples, deterministic, n_channels, soft_labels = ctx.config
     need_volume = ctx.needs_input_grad[0]
     need_pose = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    nones = (None,) * 8  # phase, lo, hi, n_samples, deterministic, labels, n_channels, soft_labels
     if not (need_volume or need_pose):
-        return None, None, None, None, None, None, None, None
+        return (None, None, None) + nones
     grad_vol, grad_src, grad_tgt = _raymarch_backward_op(
-        grad_out.contiguous(), density, source, target, phase, lo, hi, n_samples, need_pose, need_volume, deterministic
-    )
+        grad_out.contiguous(), density, source, target, phase, lo, hi, n_samples, need_pose, need_volume, deterministic,
+        labels, n_channels, soft_labels,
+    )  # fmt: skip
     return (
         grad_vol if need_volume else None,
         grad_src if ctx.needs_input_grad[1] else None,
         grad_tgt if ctx.needs_input_grad[2] else None,
-        None,  # phase
-        None,
-        None,
-        None,
-        None,
-    )
+    ) + nones
 
 
 _raymarch_op.register_autograd(_backward, setup_context=_setup_context)
@@ -184,6 +195,9 @@ def raymarch(
     n_samples: int,
     *,
     deterministic: bool = False,
+    labels: torch.Tensor | None = None,
+    n_channels: int = 1,
+    soft_labels: bool = False,
 ) -> torch.Tensor:
     """Integral of the density along rays (``naive.raymarch``), in Triton: ``g`` of docs/sampling.md.
 
@@ -201,10 +215,20 @@ def raymarch(
         n_samples: samples per ray (a positive int).
         deterministic: make the volume gradient bitwise repeatable (64-bit fixed-point atomics:
             an extra 8 bytes per voxel during the backward). Pose gradients always are.
+        labels: optional (I, J, K) integer labelmap of channel indices in ``[0, n_channels)`` on
+            density's device (converted to a contiguous int64 tensor). Hard labels: each sample
+            and end-correction point goes to the channel of its nearest voxel's label (round
+            half to even; channel 0 outside the grid; labels outside the range are clamped).
+        n_channels: C, the number of channels with ``labels`` (a compile-time constant of the
+            kernels: the C = 1 path is the plain kernel). Values up to ``MAX_CHANNELS``.
+        soft_labels: with ``labels``, route each of a point's 8 trilinear corner weights to that
+            corner's label channel (channel c is the plain integral of ``density * (labels == c)``;
+            labels outside ``[0, n_channels)`` go nowhere).
 
     Returns:
-        (B, 1, N) in the rays' dtype, differentiable with respect to ``density``, ``source``
-        and ``target`` (not ``phase``). Samples and accumulation are in the rays' dtype.
+        (B, C, N) in the rays' dtype (C = 1 without labels), differentiable with respect to
+        ``density``, ``source`` and ``target`` (not ``phase``). Samples and accumulation are in the
+        rays' dtype. Channels sum to the plain image.
     """
     global _warned_noncontiguous
     if not isinstance(density, torch.Tensor):
@@ -248,6 +272,7 @@ def raymarch(
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     lo_f, hi_f = _box("lo", lo), _box("hi", hi)
+    labels, n_channels = _check_labels(labels, n_channels, soft_labels, density)
     if not density.is_contiguous():
         if not _warned_noncontiguous:
             warnings.warn(
@@ -259,4 +284,30 @@ def raymarch(
         density = density.contiguous()
     # Rays are O(B N): making them contiguous is cheap.
     phase = phase.detach().to(target.dtype).contiguous()
-    return _raymarch_op(density, source.contiguous(), target.contiguous(), phase, lo_f, hi_f, n_samples, deterministic)
+    return _raymarch_op(
+        density, source.contiguous(), target.contiguous(), phase, lo_f, hi_f, n_samples, deterministic,
+        labels, n_channels, bool(soft_labels),
+    )  # fmt: skip
+
+
+#: Largest channel count the kernels take (a static loop over the channels per sample block);
+#: ``tritondrr.renderers`` renders more channels with the PyTorch reference.
+MAX_CHANNELS = 32
+
+
+def _check_labels(labels, n_channels, soft_labels, density):
+    """(labels as contiguous int64 or None, C) after checking them against ``density``."""
+    if not isinstance(soft_labels, bool):
+        raise TypeError(f"soft_labels must be a bool, got {type(soft_labels).__name__}")
+    if labels is None:
+        return None, 1
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an integer tensor, got {got}")
+    if labels.shape != density.shape:
+        raise ValueError(f"labels must have density's shape {tuple(density.shape)}, got {tuple(labels.shape)}")
+    if labels.device != density.device:
+        raise ValueError(f"labels is on {labels.device} but density is on {density.device}")
+    if isinstance(n_channels, bool) or not isinstance(n_channels, int) or not 1 <= n_channels <= MAX_CHANNELS:
+        raise ValueError(f"n_channels must be an int in [1, {MAX_CHANNELS}], got {n_channels!r}")
+    return labels.to(torch.int64).contiguous(), n_channels
