@@ -61,6 +61,13 @@ or fp64 for gradchecks) whatever the volume's dtype (fp32/fp16/bf16/fp64 loads a
 are spatial neighbours, which is what the gathers' cache reuse needs. ``INT64`` (constexpr) turns
 on int64 offsets when the volume or the rays pass 2^31 elements.
 
+Many volumes per launch (``POOL``, constexpr): the volumes are packed into one flat buffer and
+pose ``b`` reads its volume's int64 pool offset, shape, strides, box and sample count from the
+small per-pose tensors ``item`` (B, 8) and ``box`` (B, 6) at ``program_id(1)``; the scalar
+arguments then go unused. The pool offset is always int64 (the pool may pass 2^31 elements);
+``INT64`` is needed only when one volume (or the rays) does. The volume gradient goes to the
+same offsets of a gradient pool, which the launcher's caller splits back per volume.
+
 Labelmap channels (``N_CHANNELS`` > 1, a constexpr: the C = 1 specialisation is the plain kernel,
 instruction for instruction). ``labels`` holds a channel index per voxel. Hard labels: each point
 (sample or end point) goes to the channel of its nearest voxel's label, round half to even
@@ -76,6 +83,8 @@ corner weights.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -117,6 +126,7 @@ from ._common import (  # noqa: F401 (shared with the other renderers' kernels)
 )
 
 __all__ = [
+    "Pool",
     "TINY",
     "raymarch_forward",
     "raymarch_backward",
@@ -139,6 +149,8 @@ def _raymarch_fwd_kernel(
     tgt_ptr,  # (B, N, 3) contiguous, same dtype as src
     phase_ptr,  # (N,) contiguous, same dtype as src: the rays' sampling phases in [0, 1)
     out_ptr,  # (B, C, N) in the rays' dtype
+    item_ptr,  # POOL: (B, 8) int64 per pose: pool offset, I, J, K, J K, K, n_samples, 0
+    box_ptr,  # POOL: (B, 6) fp32 per pose: lo0, lo1, lo2, hi0, hi1, hi2
     n_rays,
     src_stride_b,  # 3 for a shared source, 3 N otherwise
     src_stride_r,  # 0 for a shared source, 3 otherwise
@@ -156,6 +168,7 @@ def _raymarch_fwd_kernel(
     n_samples,
     N_CHANNELS: tl.constexpr,
     SOFT_LABELS: tl.constexpr,
+    POOL: tl.constexpr,
     INT64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -165,6 +178,10 @@ def _raymarch_fwd_kernel(
     pid_b, rays, mask_r = _program_rays(n_rays, INT64, BLOCK_R)
     grid = (size_i, size_j, size_k, stride_i, stride_j)
     box = (lo0, lo1, lo2, hi0, hi1, hi2)
+    if POOL:  # pose b renders volume b of a packed pool: its offset, shape, box and sample count
+        offset, grid, box, n_samples = _pool_item(item_ptr, box_ptr, pid_b, INT64)
+        vol_ptr += offset
+        labels_ptr += offset
     ray, _clip, _t0, _t1 = _ray_prologue(src_ptr, tgt_ptr, phase_ptr, pid_b, rays, n_rays, src_stride_b, src_stride_r, mask_r, box)
     length = ray[8]
     hit = mask_r & (length > 0)  # rays with L = 0 need no loads at all
@@ -208,6 +225,8 @@ def _raymarch_bwd_kernel(
     grad_tgt_ptr,  # (B, N, 3)
     grad_vol_ptr,  # (I, J, K): fp32/fp64 atomic buffer, or int64 fixed point when DETERMINISTIC
     scale_ptr,  # (1,) fp64 fixed-point scale (DETERMINISTIC only)
+    item_ptr,  # POOL: (B, 8) int64 per pose (forward kernel)
+    box_ptr,  # POOL: (B, 6) fp32 per pose
     n_rays,
     src_stride_b,
     src_stride_r,
@@ -228,6 +247,7 @@ def _raymarch_bwd_kernel(
     DETERMINISTIC: tl.constexpr,
     N_CHANNELS: tl.constexpr,
     SOFT_LABELS: tl.constexpr,
+    POOL: tl.constexpr,
     INT64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -236,6 +256,11 @@ def _raymarch_bwd_kernel(
     pid_b, rays, mask_r = _program_rays(n_rays, INT64, BLOCK_R)
     grid = (size_i, size_j, size_k, stride_i, stride_j)
     box = (lo0, lo1, lo2, hi0, hi1, hi2)
+    if POOL:
+        offset, grid, box, n_samples = _pool_item(item_ptr, box_ptr, pid_b, INT64)
+        vol_ptr += offset
+        labels_ptr += offset
+        grad_vol_ptr += offset
     ray, clip, t0, t1 = _ray_prologue(src_ptr, tgt_ptr, phase_ptr, pid_b, rays, n_rays, src_stride_b, src_stride_r, mask_r, box)
     length = ray[8]
     gout_ptr = grad_out_ptr + pid_b * N_CHANNELS * n_rays  # this pose's (C, N) block
@@ -374,6 +399,23 @@ def _weighted_scatter(
 
 
 @triton.jit
+def _pool_item(item_ptr, box_ptr, pid_b, INT64: tl.constexpr):
+    """Volume of pose pid_b in a packed pool: int64 offset, grid, box and sample count."""
+    meta = item_ptr + pid_b * 8
+    offset = tl.load(meta)  # int64: the pool may pass 2^31 elements
+    box = box_ptr + pid_b * 6
+    box = (tl.load(box), tl.load(box + 1), tl.load(box + 2), tl.load(box + 3), tl.load(box + 4), tl.load(box + 5))
+    if INT64:
+        grid = (tl.load(meta + 1), tl.load(meta + 2), tl.load(meta + 3), tl.load(meta + 4), tl.load(meta + 5))
+    else:  # offsets inside one volume fit in 32 bits
+        grid = (
+            tl.load(meta + 1).to(tl.int32), tl.load(meta + 2).to(tl.int32), tl.load(meta + 3).to(tl.int32),
+            tl.load(meta + 4).to(tl.int32), tl.load(meta + 5).to(tl.int32),
+        )  # fmt: skip
+    return offset, grid, box, tl.load(meta + 6).to(tl.int32)
+
+
+@triton.jit
 def _fixed_scale(scale_ptr, DETERMINISTIC: tl.constexpr):
     if DETERMINISTIC:
         return tl.load(scale_ptr)  # fp64 power of two
@@ -461,14 +503,42 @@ def launch_config(n_rays: int, n_samples: int, backward: bool = False) -> tuple[
     return min(block_r, max(16, r_pow2)), block_s, 4
 
 
-def _common_args(density, source, target, lo, hi, n_samples, n_channels=1):
+@dataclass(frozen=True)
+class Pool:
+    """One volume per pose, packed into one flat buffer (the ``density`` the launchers get).
+
+    Attributes:
+        item: (B, 8) int64 on the rays' device, per pose: offset of its volume in the pool,
+            I, J, K, J K, K, its samples per ray, 0.
+        box: (B, 6) float32 on the rays' device, per pose: its box lo0, lo1, lo2, hi0, hi1, hi2.
+        shapes: the (I, J, K) of every volume (host ints: the int64 decision).
+        max_samples: the largest sample count (host int: the launch configuration).
+    """
+
+    item: torch.Tensor
+    box: torch.Tensor
+    shapes: tuple
+    max_samples: int
+
+
+def _common_args(density, source, target, lo, hi, n_samples, n_channels=1, pool=None):
     batch, n_rays, _ = target.shape
-    size_i, size_j, size_k = density.shape
     shared = source.shape[1] == 1
     src_stride_b = 3 if shared else 3 * n_rays
     src_stride_r = 0 if shared else 3
-    int64 = needs_int64(tuple(density.shape), batch * n_rays * max(3, n_channels))
+    n_ray_elements = batch * n_rays * max(3, n_channels)
+    if pool is None:
+        size_i, size_j, size_k = density.shape
+        int64 = needs_int64(tuple(density.shape), n_ray_elements)
+        pool_args = (target, target)  # unused pointers
+    else:  # the kernels read shapes, boxes and sample counts per pose; pool offsets are int64 anyway
+        size_i = size_j = size_k = 1
+        lo, hi = (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)
+        n_samples = pool.max_samples
+        int64 = any(needs_int64(tuple(shape), n_ray_elements) for shape in pool.shapes)
+        pool_args = (pool.item, pool.box)
     args = (
+        *pool_args,
         n_rays,
         src_stride_b,
         src_stride_r,
@@ -510,6 +580,7 @@ def raymarch_forward(
     labels: torch.Tensor | None = None,
     n_channels: int = 1,
     soft_labels: bool = False,
+    pool: Pool | None = None,
 ) -> torch.Tensor:
     """Launch the forward kernel. Inputs must already be validated and contiguous (``tritondrr.ops``).
 
@@ -527,6 +598,8 @@ def raymarch_forward(
         n_channels: C, the number of output channels (1 without labels).
         soft_labels: route each corner's trilinear weight to its own label's channel, instead of
             each point to its nearest voxel's label's channel.
+        pool: one volume per pose (``Pool``): ``density`` (and ``labels``) are then the flat
+            packed buffers, and ``lo``, ``hi`` and ``n_samples`` are read per pose from the pool.
 
     Returns:
         (B, C, N) in the rays' dtype.
@@ -537,13 +610,13 @@ def raymarch_forward(
         out = torch.empty((batch, n_channels, n_rays), device=target.device, dtype=target.dtype)
     if batch == 0 or n_rays == 0:
         return out
-    br, bs, warps = launch_config(n_rays, n_samples)
+    br, bs, warps = launch_config(n_rays, pool.max_samples if pool is not None else n_samples)
     br, bs = block_r or br, block_s or bs
-    args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels)
+    args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels, pool)
     grid = (triton.cdiv(n_rays, br), batch)
     _wrap(_raymarch_fwd_kernel)[grid](
         density, labels if labels is not None else density, source, target, phase, out, *args,
-        **_channel_flags(n_channels, soft_labels), INT64=int64, BLOCK_R=br, BLOCK_S=bs,
+        **_channel_flags(n_channels, soft_labels), POOL=pool is not None, INT64=int64, BLOCK_R=br, BLOCK_S=bs,
         BLOCK_C=_block_c(n_channels), num_warps=warps,
     )  # fmt: skip
     return out
@@ -589,11 +662,12 @@ def raymarch_backward(
     labels: torch.Tensor | None = None,
     n_channels: int = 1,
     soft_labels: bool = False,
+    pool: Pool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward kernel: ``(grad_density, grad_source, grad_target)``, None where not asked.
 
-    ``grad_out`` is (B, C, N) contiguous; ``phase``, ``labels``, ``n_channels`` and ``soft_labels``
-    as in ``raymarch_forward``.
+    ``grad_out`` is (B, C, N) contiguous; ``phase``, ``labels``, ``n_channels``, ``soft_labels`` and
+    ``pool`` as in ``raymarch_forward`` (with a pool, ``grad_density`` is the flat pool's gradient).
     ``grad_source`` has ``source``'s shape (per-ray source gradients are summed over rays for a
     shared source, deterministically). ``grad_density`` has ``density``'s dtype; it is accumulated
     in fp32 (fp64 for fp64 volumes) with float atomics, or in 64-bit fixed point when
@@ -615,9 +689,9 @@ def raymarch_backward(
             acc_dtype = torch.float64 if density.dtype == torch.float64 else torch.float32
             grad_vol = torch.zeros(density.shape, device=dev, dtype=acc_dtype)
     if (need_pose or need_volume) and batch > 0 and n_rays > 0:
-        br, bs, warps = launch_config(n_rays, n_samples, backward=True)
+        br, bs, warps = launch_config(n_rays, pool.max_samples if pool is not None else n_samples, backward=True)
         br, bs = block_r or br, block_s or bs
-        args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels)
+        args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels, pool)
         grid = (triton.cdiv(n_rays, br), batch)
         dummy = grad_out  # stands in for buffers a specialisation never touches
         _wrap(_raymarch_bwd_kernel)[grid](
@@ -636,6 +710,7 @@ def raymarch_backward(
             NEED_VOLUME_GRAD=need_volume,
             DETERMINISTIC=deterministic and need_volume,
             **_channel_flags(n_channels, soft_labels),
+            POOL=pool is not None,
             INT64=int64,
             BLOCK_R=br,
             BLOCK_S=bs,

@@ -65,7 +65,7 @@ def _channels(channels: int, soft: bool) -> dict:
     return dict(N_CHANNELS=channels, SOFT_LABELS=soft)
 
 
-def _forward(vol: str, rays: str, int64: bool, ones=(), block_r=64, block_s=32, channels=1, soft=False):
+def _forward(vol: str, rays: str, int64: bool, ones=(), block_r=64, block_s=32, channels=1, soft=False, pool=False):
     sig = {
         "vol_ptr": _PTR[vol],
         "labels_ptr": "*i64",
@@ -73,11 +73,14 @@ def _forward(vol: str, rays: str, int64: bool, ones=(), block_r=64, block_s=32, 
         "tgt_ptr": _PTR[rays],
         "phase_ptr": _PTR[rays],
         "out_ptr": _PTR[rays],
+        "item_ptr": "*i64",
+        "box_ptr": "*fp32",
     }
     scal, const = _scalars("i64" if int64 else "i32", ones)
     sig.update(scal)
     flags = dict(
         **_channels(channels, soft),
+        POOL=pool,
         INT64=int64,
         BLOCK_R=block_r,
         BLOCK_S=block_s,
@@ -88,7 +91,7 @@ def _forward(vol: str, rays: str, int64: bool, ones=(), block_r=64, block_s=32, 
     return _raymarch_fwd_kernel, sig, const
 
 
-def _backward(vol, rays, int64, pose, volume, det, ones=(), block_r=32, block_s=32, channels=1, soft=False):
+def _backward(vol, rays, int64, pose, volume, det, ones=(), block_r=32, block_s=32, channels=1, soft=False, pool=False):
     acc = "i64" if det else ("fp64" if vol == "fp64" else "fp32")
     sig = {
         "vol_ptr": _PTR[vol],
@@ -101,6 +104,8 @@ def _backward(vol, rays, int64, pose, volume, det, ones=(), block_r=32, block_s=
         "grad_tgt_ptr": _PTR[rays],
         "grad_vol_ptr": _PTR[acc],
         "scale_ptr": "*fp64",
+        "item_ptr": "*i64",
+        "box_ptr": "*fp32",
     }
     scal, const = _scalars("i64" if int64 else "i32", ones)
     sig.update(scal)
@@ -109,6 +114,7 @@ def _backward(vol, rays, int64, pose, volume, det, ones=(), block_r=32, block_s=
         NEED_VOLUME_GRAD=volume,
         DETERMINISTIC=det,
         **_channels(channels, soft),
+        POOL=pool,
         INT64=int64,
         BLOCK_R=block_r,
         BLOCK_S=block_s,
@@ -154,6 +160,21 @@ def specialisations() -> dict:
         )
     specs["fwd-hard-c2-ones"] = _forward(
         "fp32", "fp32", False, ones=("n_rays", "size_k", "stride_j", "n_samples"), channels=2
+    )
+    # Packed pools (one volume per pose): the scalar shape, box and sample arguments are unused
+    # (the launcher passes 1s and 0s: size_i, size_j, size_k and stride_j become constexpr 1).
+    pool_ones = ("size_i", "size_j", "size_k", "stride_i", "stride_j")
+    for int64 in (False, True):
+        tag = "i64" if int64 else "i32"
+        specs[f"fwd-pool-fp32-{tag}"] = _forward("fp32", "fp32", int64, ones=pool_ones, pool=True)
+        specs[f"bwd-pool-pose1-vol1-det0-fp32-{tag}"] = _backward(
+            "fp32", "fp32", int64, True, True, False, ones=pool_ones, pool=True
+        )
+    specs["fwd-pool-bf16-i32"] = _forward("bf16", "fp32", False, ones=pool_ones, pool=True)
+    specs["bwd-pool-pose0-vol1-det1-fp32-i32"] = _backward("fp32", "fp32", False, False, True, True, ones=pool_ones, pool=True)
+    specs["fwd-pool-soft-c5-fp32-i32"] = _forward("fp32", "fp32", False, ones=pool_ones, channels=5, soft=True, pool=True)
+    specs["bwd-pool-hard-c5-pose1-vol1-det0-fp32-i32"] = _backward(
+        "fp32", "fp32", False, True, True, False, ones=pool_ones, channels=5, pool=True
     )
     return specs
 
