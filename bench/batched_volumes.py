@@ -32,17 +32,20 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _time(fn, device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
+def _time(cases: dict, device, warmup: int, repeats: int) -> dict:
+    """Median seconds per call of each case; the cases take turns, so load changes hit them alike."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    times = {name: [] for name in cases}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None) -> dict:
@@ -90,8 +93,7 @@ def main(argv=None) -> dict:
         f"BatchDRR, {args.subjects} subjects": run(lambda r: many(r, translations, subject_index=index.to(device), **pose)),
     }
     results = {}
-    for name, fn in cases.items():
-        seconds = _time(fn, device, args.warmup, args.repeats)
+    for name, seconds in _time(cases, device, args.warmup, args.repeats).items():
         results[name] = 1e3 * seconds / args.poses
         print(f"{name:>24}: {results[name]:8.3f} ms per DRR ({seconds * 1e3:.1f} ms per {args.poses} poses)", flush=True)
     report = {

@@ -11,6 +11,7 @@ from .detector import Detector
 from .drr import _read_subject
 from .pose import RigidTransform, convert
 from .render import BACKENDS, check_renderer
+from .renderers import prepare_volume
 from .renderers.batched import render_indexed
 from .volume import _Key, _valid, occupied_box, support_box
 
@@ -31,8 +32,8 @@ class BatchDRR(nn.Module):
             and spacings. Volumes are stored in the first subject's float dtype.
         sdd, height, delx, width, dely, x0, y0, reverse_x_axis: the detector, as in ``DRR``
             (one detector for all subjects).
-        renderer, step, n_samples, backend, deterministic, soft_labels: as in ``DRR``. The
-            samples per ray are sized per subject (from its box and spacing) unless ``n_samples``.
+        renderer, step, n_samples, backend, deterministic, soft_labels, huge_pages: as in ``DRR``.
+            The samples per ray are sized per subject (from its box and spacing) unless ``n_samples``.
 
     Boxes (the occupied region of each volume) are computed on first use and cached on the pool
     tensor's identity and in-place edit count, as ``DRR`` does.
@@ -66,6 +67,7 @@ class BatchDRR(nn.Module):
         backend: str = "auto",
         deterministic: bool = False,
         soft_labels: bool = False,
+        huge_pages: bool = True,
     ):
         super().__init__()
         subjects = list(subjects)
@@ -85,7 +87,8 @@ class BatchDRR(nn.Module):
         read = [_read_subject(s) for s in subjects]
         dtype = read[0][0].dtype
         self.shapes = [tuple(d.shape) for d, *_ in read]
-        self.register_buffer("pool", torch.cat([d.to(dtype).reshape(-1) for d, *_ in read]))
+        pool = torch.cat([d.to(dtype).reshape(-1) for d, *_ in read])
+        self.register_buffer("pool", prepare_volume(pool) if huge_pages else pool)
         self.register_buffer("affines", torch.stack([a for _, a, _, _ in read]).float())
         self.register_buffer("reorients", torch.stack([r for _, _, r, _ in read]).float())
         labelmaps = [lab for *_, lab in read]
@@ -106,9 +109,19 @@ class BatchDRR(nn.Module):
         return len(self.shapes)
 
     def volumes(self, pool: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """The subjects' (I, J, K) volumes: views of ``pool`` (no copies)."""
+        """The subjects' (I, J, K) volumes, sharing ``pool``'s memory (no copies).
+
+        Views while the pool requires grad (gradients flow back to it); otherwise plain tensors
+        on the pool's storage: ``torch.compile`` (the CPU path) recompiles for every view of a
+        different base, but not for these.
+        """
         pool = self.pool if pool is None else pool
-        return [pool[o : o + s[0] * s[1] * s[2]].view(s) for o, s in zip(self._offsets, self.shapes)]
+        if pool.requires_grad:
+            return [pool[o : o + s[0] * s[1] * s[2]].view(s) for o, s in zip(self._offsets, self.shapes)]
+        storage, base = pool.untyped_storage(), pool.storage_offset()
+        return [
+            pool.new_empty(0).set_(storage, base + o, s, (s[1] * s[2], s[2], 1)) for o, s in zip(self._offsets, self.shapes)
+        ]
 
     def boxes(self) -> list:
         """Each subject's occupied box (cached; the whole support while the pool requires grad)."""
