@@ -1,6 +1,6 @@
 r"""Fused ray marching through a trilinear volume: forward and backward Triton kernels, then launchers.
 
-The kernels compute exactly ``tritondrr.renderers.trilinear.naive.raymarch`` (no labels) for flat rays: pose ``b``,
+The kernels compute exactly ``tritondrr.renderers.trilinear.naive.raymarch`` for flat rays: pose ``b``,
 ray ``r``, source ``s`` (shared per pose or per ray), target ``e``, all in index coordinates,
 and a sampling phase ``phase[r]`` in [0, 1) per ray (shared by all poses).
 
@@ -61,13 +61,30 @@ or fp64 for gradchecks) whatever the volume's dtype (fp32/fp16/bf16/fp64 loads a
 are spatial neighbours, which is what the gathers' cache reuse needs. ``INT64`` (constexpr) turns
 on int64 offsets when the volume or the rays pass 2^31 elements.
 
-Labelmap hook (not implemented): channels would be a constexpr ``N_CHANNELS`` with a per-sample
-label gathered from the nearest voxel (round half to even) routing each sample's value into one
-of ``N_CHANNELS`` accumulators; the output offset already carries the layout ``(B, C, N)`` with
-``C = 1``.
+Many volumes per launch (``POOL``, constexpr): the volumes are packed into one flat buffer and
+pose ``b`` reads its volume's int64 pool offset, shape, strides, box and sample count from the
+small per-pose tensors ``item`` (B, 8) and ``box`` (B, 6) at ``program_id(1)``; the scalar
+arguments then go unused. The pool offset is always int64 (the pool may pass 2^31 elements);
+``INT64`` is needed only when one volume (or the rays) does. The volume gradient goes to the
+same offsets of a gradient pool, which the launcher's caller splits back per volume.
+
+Labelmap channels (``N_CHANNELS`` > 1, a constexpr: the C = 1 specialisation is the plain kernel,
+instruction for instruction). ``labels`` holds a channel index per voxel. Hard labels: each point
+(sample or end point) goes to the channel of its nearest voxel's label, round half to even
+(``torch.round``, and ``grid_sample``'s nearest mode used by the reference), channel 0 outside the
+grid. Soft labels (``SOFT_LABELS``): each of the point's 8 trilinear corner weights goes to its
+corner's channel, so channel c is exactly the plain rule applied to ``V * (labels == c)``. The
+forward keeps ``[BLOCK_R, BLOCK_C]`` channel sums updated per sample block by a loop over the
+channels (O(C) selects per sample, [R, S] temporaries only). The backward gathers, per point (hard)
+or per corner (soft), the upstream gradient of its channel ``sig = grad_out[b, label, r]`` and runs
+the single-channel formulas above with ``omega sig`` in place of ``w omega``: the labels are
+piecewise constant, so they carry no pose gradient. Volume gradient: ``L/S omega sig`` times the
+corner weights.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -88,9 +105,28 @@ from ._common import (  # noqa: F401 (shared with the other renderers' kernels)
     _scatter,
     _scatter8,
     TINY,
+    _ray_prologue,
+    _sample_points,
+    _end_points,
+    _grid_cells,
+    _cell_value,
+    _cell_value_grad,
+    _cell_scatter,
+    _clip_grad,
+    _cell_load8,
+    _cell_labels,
+    _interp8_grad,
+    _label_gather,
+    _nearest_label,
+    _products8,
+    _route,
+    _route8,
+    _scatter_corners,
+    _weights8,
 )
 
 __all__ = [
+    "Pool",
     "TINY",
     "raymarch_forward",
     "raymarch_backward",
@@ -108,10 +144,13 @@ __all__ = [
 @triton.jit
 def _raymarch_fwd_kernel(
     vol_ptr,  # (I, J, K) contiguous, fp32/fp16/bf16/fp64
+    labels_ptr,  # (I, J, K) int64 channel indices in [0, N_CHANNELS) (unused when N_CHANNELS == 1)
     src_ptr,  # (B, 1, 3) or (B, N, 3) contiguous, fp32/fp64
     tgt_ptr,  # (B, N, 3) contiguous, same dtype as src
     phase_ptr,  # (N,) contiguous, same dtype as src: the rays' sampling phases in [0, 1)
-    out_ptr,  # (B, 1, N) in the rays' dtype
+    out_ptr,  # (B, C, N) in the rays' dtype
+    item_ptr,  # POOL: (B, 8) int64 per pose: pool offset, I, J, K, J K, K, n_samples, 0
+    box_ptr,  # POOL: (B, 6) fp32 per pose: lo0, lo1, lo2, hi0, hi1, hi2
     n_rays,
     src_stride_b,  # 3 for a shared source, 3 N otherwise
     src_stride_r,  # 0 for a shared source, 3 otherwise
@@ -127,70 +166,67 @@ def _raymarch_fwd_kernel(
     hi1,
     hi2,
     n_samples,
+    N_CHANNELS: tl.constexpr,
+    SOFT_LABELS: tl.constexpr,
+    POOL: tl.constexpr,
     INT64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     CDT = src_ptr.dtype.element_ty  # accumulation dtype: the rays' (fp32, or fp64 in tests)
-    pid_r = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    if INT64:
-        pid_b = pid_b.to(tl.int64)
-    rays = _ray_block(pid_r, INT64, BLOCK_R)  # [BLOCK_R]
-    mask_r = rays < n_rays
-    sx, sy, sz, ex, ey, ez = _load_ray(src_ptr, tgt_ptr, pid_b, rays, n_rays, src_stride_b, src_stride_r, mask_r)
-    phase = tl.load(phase_ptr + rays, mask=mask_r, other=0.5)  # [BLOCK_R]
-
-    dx, dmx, tmin_x, tmax_x, small_x = _clip_axis(sx, ex, lo0, hi0)
-    dy, dmy, tmin_y, tmax_y, small_y = _clip_axis(sy, ey, lo1, hi1)
-    dz, dmz, tmin_z, tmax_z, small_z = _clip_axis(sz, ez, lo2, hi2)
-    t0 = tl.maximum(tl.maximum(tl.maximum(tmin_x, tmin_y), tmin_z), 0.0)  # [BLOCK_R]
-    t1 = tl.minimum(tl.minimum(tl.minimum(tmax_x, tmax_y), tmax_z), 1.0)
-    length = tl.maximum(t1 - t0, 0.0)
-    # Missed rays (L = 0) may have t0 >> 1: sample them at t <= 1 so positions stay finite.
-    t0s = tl.minimum(t0, 1.0)
+    pid_b, rays, mask_r = _program_rays(n_rays, INT64, BLOCK_R)
+    grid = (size_i, size_j, size_k, stride_i, stride_j)
+    box = (lo0, lo1, lo2, hi0, hi1, hi2)
+    if POOL:  # pose b renders volume b of a packed pool: its offset, shape, box and sample count
+        offset, grid, box, n_samples = _pool_item(item_ptr, box_ptr, pid_b, INT64)
+        vol_ptr += offset
+        labels_ptr += offset
+    ray, _clip, _t0, _t1 = _ray_prologue(src_ptr, tgt_ptr, phase_ptr, pid_b, rays, n_rays, src_stride_b, src_stride_r, mask_r, box)
+    length = ray[8]
     hit = mask_r & (length > 0)  # rays with L = 0 need no loads at all
 
-    acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
+    if N_CHANNELS == 1:
+        acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
+    else:
+        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=CDT)  # per-channel sums
     for start in range(0, n_samples, BLOCK_S):
-        u, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = _sample_cells(
-            start, phase, t0s, length, n_samples, hit, sx, sy, sz, dx, dy, dz,
-            size_i, size_j, size_k, stride_i, stride_j, BLOCK_S, INT64, CDT,
-        )  # fmt: skip
-        acc += _value(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT)
-        # Labelmap hook: a per-sample channel index would select one of N_CHANNELS accumulators here.
+        x, y, z, _u, m = _sample_points(ray, start, n_samples, hit, BLOCK_S, CDT)  # [BLOCK_R, BLOCK_S]
+        cell = _grid_cells(x, y, z, m, grid, INT64)
+        if N_CHANNELS == 1:
+            acc += _cell_value(vol_ptr, cell, grid, CDT)
+        else:
+            acc = _channel_sums(acc, vol_ptr, labels_ptr, x, y, z, m, cell, grid, 1.0, N_CHANNELS, SOFT_LABELS, BLOCK_C, INT64, CDT)
 
     # End correction: -(phase - 1/2) (f(p_1end) - f(p_0end)), both ends as one [BLOCK_R, 2] block.
-    te, we, ue = _ends(t0s, length, phase)  # [BLOCK_R, 2]
-    off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = _corners(
-        sx[:, None] + te * dx[:, None],
-        sy[:, None] + te * dy[:, None],
-        sz[:, None] + te * dz[:, None],
-        hit[:, None] & (ue >= 0.0),
-        size_i,
-        size_j,
-        size_k,
-        stride_i,
-        stride_j,
-        INT64,
-    )
-    fe = _value(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT)  # [BLOCK_R, 2]
-    total = tl.sum(acc, axis=1) + tl.sum(we * fe, axis=1)  # [BLOCK_R]
-    g = total * (length / n_samples)  # [BLOCK_R]
-    tl.store(out_ptr + pid_b * n_rays + rays, g.to(out_ptr.dtype.element_ty), mask=mask_r)
+    x, y, z, _ue, me, we = _end_points(ray, hit)
+    cell = _grid_cells(x, y, z, me, grid, INT64)
+    scale = length / n_samples  # [BLOCK_R]
+    if N_CHANNELS == 1:
+        fe = _cell_value(vol_ptr, cell, grid, CDT)  # [BLOCK_R, 2]
+        g = (tl.sum(acc, axis=1) + tl.sum(we * fe, axis=1)) * scale  # [BLOCK_R]
+        tl.store(out_ptr + pid_b * n_rays + rays, g.to(out_ptr.dtype.element_ty), mask=mask_r)
+    else:
+        acc = _channel_sums(acc, vol_ptr, labels_ptr, x, y, z, me, cell, grid, we, N_CHANNELS, SOFT_LABELS, BLOCK_C, INT64, CDT)
+        chan = tl.arange(0, BLOCK_C)[None, :]
+        out = out_ptr + (pid_b * N_CHANNELS + chan) * n_rays + rays[:, None]  # [BLOCK_R, BLOCK_C]
+        tl.store(out, (acc * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & (chan < N_CHANNELS))
 
 
 @triton.jit
 def _raymarch_bwd_kernel(
     vol_ptr,  # (I, J, K) contiguous
+    labels_ptr,  # (I, J, K) int64 (unused when N_CHANNELS == 1)
     src_ptr,  # (B, 1, 3) or (B, N, 3)
     tgt_ptr,  # (B, N, 3)
     phase_ptr,  # (N,) the rays' dtype
-    grad_out_ptr,  # (B, 1, N) contiguous, the rays' dtype
+    grad_out_ptr,  # (B, C, N) contiguous, the rays' dtype
     grad_src_ptr,  # (B, N, 3) per-ray source gradient (summed over rays by the launcher if shared)
     grad_tgt_ptr,  # (B, N, 3)
     grad_vol_ptr,  # (I, J, K): fp32/fp64 atomic buffer, or int64 fixed point when DETERMINISTIC
     scale_ptr,  # (1,) fp64 fixed-point scale (DETERMINISTIC only)
+    item_ptr,  # POOL: (B, 8) int64 per pose (forward kernel)
+    box_ptr,  # POOL: (B, 6) fp32 per pose
     n_rays,
     src_stride_b,
     src_stride_r,
@@ -209,55 +245,45 @@ def _raymarch_bwd_kernel(
     NEED_POSE_GRAD: tl.constexpr,
     NEED_VOLUME_GRAD: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
+    N_CHANNELS: tl.constexpr,
+    SOFT_LABELS: tl.constexpr,
+    POOL: tl.constexpr,
     INT64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     CDT = src_ptr.dtype.element_ty
-    pid_r = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    if INT64:
-        pid_b = pid_b.to(tl.int64)
-    rays = _ray_block(pid_r, INT64, BLOCK_R)  # [BLOCK_R]
-    mask_r = rays < n_rays
-    sx, sy, sz, ex, ey, ez = _load_ray(src_ptr, tgt_ptr, pid_b, rays, n_rays, src_stride_b, src_stride_r, mask_r)
-    phase = tl.load(phase_ptr + rays, mask=mask_r, other=0.5)  # [BLOCK_R]
-    w = tl.load(grad_out_ptr + pid_b * n_rays + rays, mask=mask_r, other=0.0).to(CDT)  # [BLOCK_R]
-
-    dx, dmx, tmin_x, tmax_x, small_x = _clip_axis(sx, ex, lo0, hi0)
-    dy, dmy, tmin_y, tmax_y, small_y = _clip_axis(sy, ey, lo1, hi1)
-    dz, dmz, tmin_z, tmax_z, small_z = _clip_axis(sz, ez, lo2, hi2)
-    t0m = tl.maximum(tl.maximum(tmin_x, tmin_y), tmin_z)  # [BLOCK_R]
-    t1m = tl.minimum(tl.minimum(tmax_x, tmax_y), tmax_z)
-    t0 = tl.maximum(t0m, 0.0)
-    t1 = tl.minimum(t1m, 1.0)
-    length = tl.maximum(t1 - t0, 0.0)
-    t0s = tl.minimum(t0, 1.0)
+    pid_b, rays, mask_r = _program_rays(n_rays, INT64, BLOCK_R)
+    grid = (size_i, size_j, size_k, stride_i, stride_j)
+    box = (lo0, lo1, lo2, hi0, hi1, hi2)
+    if POOL:
+        offset, grid, box, n_samples = _pool_item(item_ptr, box_ptr, pid_b, INT64)
+        vol_ptr += offset
+        labels_ptr += offset
+        grad_vol_ptr += offset
+    ray, clip, t0, t1 = _ray_prologue(src_ptr, tgt_ptr, phase_ptr, pid_b, rays, n_rays, src_stride_b, src_stride_r, mask_r, box)
+    length = ray[8]
+    gout_ptr = grad_out_ptr + pid_b * N_CHANNELS * n_rays  # this pose's (C, N) block
+    if N_CHANNELS == 1:
+        w = tl.load(gout_ptr + rays, mask=mask_r, other=0.0).to(CDT)  # [BLOCK_R]
+    else:
+        w = tl.full([BLOCK_R], 1.0, CDT)  # channels: each point carries its own weight (sig below)
     hit = mask_r & (length > 0)
     # Rays with L = 0 and t1 == t0 still get the dL term (clamp passes the gradient at 0), so
     # their samples (all at t0 <= 1) must be evaluated; other misses need no loads.
     live = mask_r & (t1 - t0 >= 0)
-    scale = length / n_samples  # [BLOCK_R]
-    wscale = tl.where(hit, w * scale, 0.0)
+    wscale = tl.where(hit, w * (length / n_samples), 0.0)  # [BLOCK_R]
+    fixed = _fixed_scale(scale_ptr, DETERMINISTIC)
 
-    acc_f = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
-    acc_gx = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
-    acc_gy = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
-    acc_gz = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
-    acc_ux = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
-    acc_uy = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
-    acc_uz = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
-    if DETERMINISTIC:
-        fixed = tl.load(scale_ptr)  # fp64 power of two
-    else:
-        fixed = 1.0  # unused
+    acc_f = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)  # sums of f, grad f and u grad f over the samples
+    acc_gx, acc_gy, acc_gz = tl.zeros_like(acc_f), tl.zeros_like(acc_f), tl.zeros_like(acc_f)
+    acc_ux, acc_uy, acc_uz = tl.zeros_like(acc_f), tl.zeros_like(acc_f), tl.zeros_like(acc_f)
     for start in range(0, n_samples, BLOCK_S):
-        u, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = _sample_cells(
-            start, phase, t0s, length, n_samples, live, sx, sy, sz, dx, dy, dz,
-            size_i, size_j, size_k, stride_i, stride_j, BLOCK_S, INT64, CDT,
-        )  # fmt: skip
+        x, y, z, u, m = _sample_points(ray, start, n_samples, live, BLOCK_S, CDT)  # [BLOCK_R, BLOCK_S]
+        cell = _grid_cells(x, y, z, m, grid, INT64)
+        sig = _point_weights(labels_ptr, gout_ptr, rays, n_rays, x, y, z, m, cell, grid, N_CHANNELS, SOFT_LABELS, INT64)
         if NEED_POSE_GRAD:
-            f, gx, gy, gz = _value_grad(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT)
+            f, gx, gy, gz = _weighted_value_grad(vol_ptr, cell, sig, grid, N_CHANNELS, SOFT_LABELS, CDT)
             acc_f += f
             acc_gx += gx
             acc_gy += gy
@@ -265,129 +291,177 @@ def _raymarch_bwd_kernel(
             acc_ux += u * gx
             acc_uy += u * gy
             acc_uz += u * gz
-        if NEED_VOLUME_GRAD:
-            # Adjoint of the 8 loads: the same offsets, masks and weights, times w L / S.
-            mv = hit[:, None]
+        if NEED_VOLUME_GRAD:  # adjoint of the 8 loads: the same offsets, masks and weights, times w L / S
             a = tl.broadcast_to(wscale[:, None], [BLOCK_R, BLOCK_S])
-            _scatter8(
-                grad_vol_ptr,
-                off,
-                fx,
-                fy,
-                fz,
-                a,
-                mi0,
-                mi1,
-                mv & m00,
-                mv & m01,
-                mv & m10,
-                mv & m11,
-                stride_i,
-                stride_j,
-                fixed,
-                DETERMINISTIC,
-            )
+            _weighted_scatter(grad_vol_ptr, cell, a, sig, hit[:, None], grid, fixed, N_CHANNELS, SOFT_LABELS, DETERMINISTIC)
 
-    # End correction: the two end points as weighted samples of a [BLOCK_R, 2] block, weight
-    # +(phase - 1/2) at p_0end (u = 0) and -(phase - 1/2) at p_1end (u = 1). Only rays with L > 0
-    # need them: for L = 0 both ends coincide and the correction vanishes with its derivatives.
-    te, we, ue = _ends(t0s, length, phase)  # [BLOCK_R, 2]
-    off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = _corners(
-        sx[:, None] + te * dx[:, None],
-        sy[:, None] + te * dy[:, None],
-        sz[:, None] + te * dz[:, None],
-        hit[:, None] & (ue >= 0.0),
-        size_i,
-        size_j,
-        size_k,
-        stride_i,
-        stride_j,
-        INT64,
-    )
+    # End correction: the two end points as weighted samples (weights +c at u = 0, -c at u = 1).
+    # Only rays with L > 0 need them: for L = 0 the correction vanishes with its derivatives.
+    x, y, z, ue, me, we = _end_points(ray, hit)  # [BLOCK_R, 2]
+    cell = _grid_cells(x, y, z, me, grid, INT64)
+    sig = _point_weights(labels_ptr, gout_ptr, rays, n_rays, x, y, z, me, cell, grid, N_CHANNELS, SOFT_LABELS, INT64)
     if NEED_VOLUME_GRAD:
-        _scatter8(
-            grad_vol_ptr,
-            off,
-            fx,
-            fy,
-            fz,
-            wscale[:, None] * we,
-            mi0,
-            mi1,
-            m00,
-            m01,
-            m10,
-            m11,
-            stride_i,
-            stride_j,
-            fixed,
-            DETERMINISTIC,
-        )
-
+        a = wscale[:, None] * we
+        _weighted_scatter(grad_vol_ptr, cell, a, sig, me, grid, fixed, N_CHANNELS, SOFT_LABELS, DETERMINISTIC)
     if NEED_POSE_GRAD:
-        fe, gex, gey, gez = _value_grad(vol_ptr, off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT)
-        # Sums over the samples plus the weighted end points (u_end = 0, 1).
+        fe, gex, gey, gez = _weighted_value_grad(vol_ptr, cell, sig, grid, N_CHANNELS, SOFT_LABELS, CDT)
         F = tl.sum(acc_f, axis=1) + tl.sum(we * fe, axis=1)  # [BLOCK_R]
-        Gx = tl.sum(acc_gx, axis=1) + tl.sum(we * gex, axis=1)
-        Gy = tl.sum(acc_gy, axis=1) + tl.sum(we * gey, axis=1)
-        Gz = tl.sum(acc_gz, axis=1) + tl.sum(we * gez, axis=1)
-        Ux = tl.sum(acc_ux, axis=1) + tl.sum(we * ue * gex, axis=1)
-        Uy = tl.sum(acc_uy, axis=1) + tl.sum(we * ue * gey, axis=1)
-        Uz = tl.sum(acc_uz, axis=1) + tl.sum(we * ue * gez, axis=1)
-        Hx = t0 * Gx + length * Ux  # sum_k t_k grad f
-        Hy = t0 * Gy + length * Uy
-        Hz = t0 * Gz + length * Uz
-        D0 = Gx * dx + Gy * dy + Gz * dz
-        D1 = Ux * dx + Uy * dy + Uz * dz
-
-        # Clip terms. t0 = clamp(max_a tmin_a, min=0): the argmax axes share the gradient.
-        sel0x = (tmin_x == t0m).to(CDT)
-        sel0y = (tmin_y == t0m).to(CDT)
-        sel0z = (tmin_z == t0m).to(CDT)
-        gate0 = tl.where(t0m >= 0.0, 1.0 / (sel0x + sel0y + sel0z), 0.0)
-        sel1x = (tmax_x == t1m).to(CDT)
-        sel1y = (tmax_y == t1m).to(CDT)
-        sel1z = (tmax_z == t1m).to(CDT)
-        gate1 = tl.where(t1m <= 1.0, 1.0 / (sel1x + sel1y + sel1z), 0.0)
-        gate_l = (t1 - t0 >= 0.0).to(CDT)
-        a0sx, a0ex = _slab_grad(tmin_x, dmx, small_x)
-        a0sy, a0ey = _slab_grad(tmin_y, dmy, small_y)
-        a0sz, a0ez = _slab_grad(tmin_z, dmz, small_z)
-        a1sx, a1ex = _slab_grad(tmax_x, dmx, small_x)
-        a1sy, a1ey = _slab_grad(tmax_y, dmy, small_y)
-        a1sz, a1ez = _slab_grad(tmax_z, dmz, small_z)
-        dt0_sx = gate0 * sel0x * a0sx
-        dt0_sy = gate0 * sel0y * a0sy
-        dt0_sz = gate0 * sel0z * a0sz
-        dt0_ex = gate0 * sel0x * a0ex
-        dt0_ey = gate0 * sel0y * a0ey
-        dt0_ez = gate0 * sel0z * a0ez
-        dl_sx = gate_l * (gate1 * sel1x * a1sx - dt0_sx)
-        dl_sy = gate_l * (gate1 * sel1y * a1sy - dt0_sy)
-        dl_sz = gate_l * (gate1 * sel1z * a1sz - dt0_sz)
-        dl_ex = gate_l * (gate1 * sel1x * a1ex - dt0_ex)
-        dl_ey = gate_l * (gate1 * sel1y * a1ey - dt0_ey)
-        dl_ez = gate_l * (gate1 * sel1z * a1ez - dt0_ez)
-
-        fs = F / n_samples
-        # The L/S term is zero for L = 0; tl.where keeps huge clip slopes of misses out of it.
-        ls = tl.where(hit, scale, 0.0)
-        wl = w * ls
-        wf = tl.where(live, w * fs, 0.0)
-        gsx = wf * dl_sx + tl.where(hit, wl * (Gx - Hx + D0 * dt0_sx + D1 * dl_sx), 0.0)
-        gsy = wf * dl_sy + tl.where(hit, wl * (Gy - Hy + D0 * dt0_sy + D1 * dl_sy), 0.0)
-        gsz = wf * dl_sz + tl.where(hit, wl * (Gz - Hz + D0 * dt0_sz + D1 * dl_sz), 0.0)
-        gex = wf * dl_ex + tl.where(hit, wl * (Hx + D0 * dt0_ex + D1 * dl_ex), 0.0)
-        gey = wf * dl_ey + tl.where(hit, wl * (Hy + D0 * dt0_ey + D1 * dl_ey), 0.0)
-        gez = wf * dl_ez + tl.where(hit, wl * (Hz + D0 * dt0_ez + D1 * dl_ez), 0.0)
-        gdt = grad_src_ptr.dtype.element_ty
+        G = (_row_sum(acc_gx, we, gex), _row_sum(acc_gy, we, gey), _row_sum(acc_gz, we, gez))
+        U = (_row_sum(acc_ux, we * ue, gex), _row_sum(acc_uy, we * ue, gey), _row_sum(acc_uz, we * ue, gez))
+        gs, ge = _pose_grad(ray, clip, t0, t1, F, G, U, w, n_samples, hit, live)
         o = (pid_b * n_rays + rays) * 3  # [BLOCK_R]
-        tl.store(grad_src_ptr + o + 0, gsx.to(gdt), mask=mask_r)
-        tl.store(grad_src_ptr + o + 1, gsy.to(gdt), mask=mask_r)
-        tl.store(grad_src_ptr + o + 2, gsz.to(gdt), mask=mask_r)
-        tl.store(grad_tgt_ptr + o + 0, gex.to(gdt), mask=mask_r)
-        tl.store(grad_tgt_ptr + o + 1, gey.to(gdt), mask=mask_r)
-        tl.store(grad_tgt_ptr + o + 2, gez.to(gdt), mask=mask_r)
+        _store3(grad_src_ptr + o, gs, mask_r)
+        _store3(grad_tgt_ptr + o, ge, mask_r)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel-side helpers of the trilinear rule (shared ones are in _common.py)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _program_rays(n_rays, INT64: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This program's pose index, its BLOCK_R ray indices and their mask."""
+    pid_b = tl.program_id(1)
+    if INT64:
+        pid_b = pid_b.to(tl.int64)
+    rays = _ray_block(tl.program_id(0), INT64, BLOCK_R)  # [BLOCK_R]
+    return pid_b, rays, rays < n_rays
+
+
+@triton.jit
+def _channel_sums(
+    acc, vol_ptr, labels_ptr, x, y, z, m, cell, grid, weight,
+    N_CHANNELS: tl.constexpr, SOFT_LABELS: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr, CDT: tl.constexpr,
+):  # fmt: skip
+    """acc [R, BLOCK_C] plus weight x the points' values routed to their channels (hard or soft labels)."""
+    if SOFT_LABELS:
+        v = _cell_load8(vol_ptr, cell, grid, CDT)
+        contributions = _products8(v, _weights8(cell[1], cell[2], cell[3]), weight)
+        return _route8(acc, contributions, _cell_labels(labels_ptr, cell, grid), N_CHANNELS, BLOCK_C)
+    else:
+        channel = _nearest_label(labels_ptr, x, y, z, m, grid, N_CHANNELS, INT64)
+        return _route(acc, _cell_value(vol_ptr, cell, grid, CDT) * weight, channel, N_CHANNELS, BLOCK_C)
+
+
+@triton.jit
+def _point_weights(
+    labels_ptr, gout_ptr, rays, n_rays, x, y, z, m, cell, grid,
+    N_CHANNELS: tl.constexpr, SOFT_LABELS: tl.constexpr, INT64: tl.constexpr,
+):  # fmt: skip
+    """Upstream gradient of each point's channel: grad_out[label, ray], [R, S] (hard labels), or
+    of each corner's channel, 8 x [R, S] (soft labels). 1 (unused) without channels."""
+    if N_CHANNELS == 1:
+        return 1.0
+    elif SOFT_LABELS:
+        lab = _cell_labels(labels_ptr, cell, grid)
+        return (
+            _label_gather(gout_ptr, lab[0], rays, n_rays, m, N_CHANNELS),
+            _label_gather(gout_ptr, lab[1], rays, n_rays, m, N_CHANNELS),
+            _label_gather(gout_ptr, lab[2], rays, n_rays, m, N_CHANNELS),
+            _label_gather(gout_ptr, lab[3], rays, n_rays, m, N_CHANNELS),
+            _label_gather(gout_ptr, lab[4], rays, n_rays, m, N_CHANNELS),
+            _label_gather(gout_ptr, lab[5], rays, n_rays, m, N_CHANNELS),
+            _label_gather(gout_ptr, lab[6], rays, n_rays, m, N_CHANNELS),
+            _label_gather(gout_ptr, lab[7], rays, n_rays, m, N_CHANNELS),
+        )
+    else:
+        channel = _nearest_label(labels_ptr, x, y, z, m, grid, N_CHANNELS, INT64)
+        return _label_gather(gout_ptr, channel, rays, n_rays, m, N_CHANNELS)
+
+
+@triton.jit
+def _weighted_value_grad(vol_ptr, cell, sig, grid, N_CHANNELS: tl.constexpr, SOFT_LABELS: tl.constexpr, CDT: tl.constexpr):
+    """f and grad f of the field weighted by the points' (or corners') upstream gradients ``sig``."""
+    if N_CHANNELS == 1:
+        return _cell_value_grad(vol_ptr, cell, grid, CDT)
+    elif SOFT_LABELS:  # the interpolant of the corner values v_q sig_q
+        v = _cell_load8(vol_ptr, cell, grid, CDT)
+        return _interp8_grad(_products8(v, sig, 1.0), cell[1], cell[2], cell[3])
+    else:
+        f, gx, gy, gz = _cell_value_grad(vol_ptr, cell, grid, CDT)
+        return sig * f, sig * gx, sig * gy, sig * gz
+
+
+@triton.jit
+def _weighted_scatter(
+    grad_vol_ptr, cell, a, sig, mask, grid, fixed,
+    N_CHANNELS: tl.constexpr, SOFT_LABELS: tl.constexpr, DETERMINISTIC: tl.constexpr,
+):  # fmt: skip
+    """Adjoint of ``_channel_sums`` applied to the upstream gradients: a [R, S] x sig x corner weights."""
+    if N_CHANNELS == 1:
+        _cell_scatter(grad_vol_ptr, cell, a, mask, grid, fixed, DETERMINISTIC)
+    elif SOFT_LABELS:
+        amounts = _products8(_weights8(cell[1], cell[2], cell[3]), sig, a)
+        _scatter_corners(grad_vol_ptr, cell, amounts, mask, grid, fixed, DETERMINISTIC)
+    else:
+        _cell_scatter(grad_vol_ptr, cell, a * sig, mask, grid, fixed, DETERMINISTIC)
+
+
+@triton.jit
+def _pool_item(item_ptr, box_ptr, pid_b, INT64: tl.constexpr):
+    """Volume of pose pid_b in a packed pool: int64 offset, grid, box and sample count."""
+    meta = item_ptr + pid_b * 8
+    offset = tl.load(meta)  # int64: the pool may pass 2^31 elements
+    box = box_ptr + pid_b * 6
+    box = (tl.load(box), tl.load(box + 1), tl.load(box + 2), tl.load(box + 3), tl.load(box + 4), tl.load(box + 5))
+    if INT64:
+        grid = (tl.load(meta + 1), tl.load(meta + 2), tl.load(meta + 3), tl.load(meta + 4), tl.load(meta + 5))
+    else:  # offsets inside one volume fit in 32 bits
+        grid = (
+            tl.load(meta + 1).to(tl.int32), tl.load(meta + 2).to(tl.int32), tl.load(meta + 3).to(tl.int32),
+            tl.load(meta + 4).to(tl.int32), tl.load(meta + 5).to(tl.int32),
+        )  # fmt: skip
+    return offset, grid, box, tl.load(meta + 6).to(tl.int32)
+
+
+@triton.jit
+def _fixed_scale(scale_ptr, DETERMINISTIC: tl.constexpr):
+    if DETERMINISTIC:
+        return tl.load(scale_ptr)  # fp64 power of two
+    else:
+        return 1.0  # unused
+
+
+@triton.jit
+def _row_sum(acc, weight, end):
+    """Per-ray sum of a [R, S] sample accumulator plus the weighted [R, 2] end-point values. [R]"""
+    return tl.sum(acc, axis=1) + tl.sum(weight * end, axis=1)
+
+
+@triton.jit
+def _pose_grad_axis(cg, G, H, D0, D1, wf, wl, hit):
+    """dLoss/ds_a and dLoss/de_a from the clip derivatives ``cg`` of axis a (module docstring)."""
+    dt0_s, dt0_e, dl_s, dl_e = cg
+    # The L/S term is zero for L = 0; tl.where keeps huge clip slopes of misses out of it.
+    gs = wf * dl_s + tl.where(hit, wl * (G - H + D0 * dt0_s + D1 * dl_s), 0.0)
+    ge = wf * dl_e + tl.where(hit, wl * (H + D0 * dt0_e + D1 * dl_e), 0.0)
+    return gs, ge
+
+
+@triton.jit
+def _pose_grad(ray, clip, t0, t1, F, G, U, w, n_samples, hit, live):
+    """dLoss/ds and dLoss/de of each ray (3-tuples of [BLOCK_R]) from the weighted sums F, G, U."""
+    _sx, _sy, _sz, dx, dy, dz, _phase, _t0s, length = ray
+    D0 = G[0] * dx + G[1] * dy + G[2] * dz
+    D1 = U[0] * dx + U[1] * dy + U[2] * dz
+    cx, cy, cz = _clip_grad(clip, t0, t1)
+    wf = tl.where(live, w * (F / n_samples), 0.0)
+    wl = w * tl.where(hit, length / n_samples, 0.0)
+    # H_a = sum omega t grad_a f = t0 G_a + L U_a.
+    gx = _pose_grad_axis(cx, G[0], t0 * G[0] + length * U[0], D0, D1, wf, wl, hit)
+    gy = _pose_grad_axis(cy, G[1], t0 * G[1] + length * U[1], D0, D1, wf, wl, hit)
+    gz = _pose_grad_axis(cz, G[2], t0 * G[2] + length * U[2], D0, D1, wf, wl, hit)
+    return (gx[0], gy[0], gz[0]), (gx[1], gy[1], gz[1])
+
+
+@triton.jit
+def _store3(ptr, v, mask):
+    """Store a 3-tuple of [BLOCK_R] at ptr + 0, 1, 2 (ptr: [BLOCK_R] pointers)."""
+    dt = ptr.dtype.element_ty
+    tl.store(ptr + 0, v[0].to(dt), mask=mask)
+    tl.store(ptr + 1, v[1].to(dt), mask=mask)
+    tl.store(ptr + 2, v[2].to(dt), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,7 +480,7 @@ def needs_int64(shape: tuple[int, int, int], n_ray_elements: int) -> bool:
     """int64 offsets when any offset the kernels form can pass 2^31 - 1.
 
     Offsets of masked-out corners reach one cell beyond the grid on each side, hence the +2.
-    ``n_ray_elements`` is B * N * 3 (the largest ray-buffer offset).
+    ``n_ray_elements`` is B * N * max(3, C) (the largest ray- or output-buffer offset).
     """
     i, j, k = shape
     return (i + 2) * (j + 2) * (k + 2) >= 2**31 or n_ray_elements + 3 >= 2**31
@@ -429,14 +503,42 @@ def launch_config(n_rays: int, n_samples: int, backward: bool = False) -> tuple[
     return min(block_r, max(16, r_pow2)), block_s, 4
 
 
-def _common_args(density, source, target, lo, hi, n_samples):
+@dataclass(frozen=True)
+class Pool:
+    """One volume per pose, packed into one flat buffer (the ``density`` the launchers get).
+
+    Attributes:
+        item: (B, 8) int64 on the rays' device, per pose: offset of its volume in the pool,
+            I, J, K, J K, K, its samples per ray, 0.
+        box: (B, 6) float32 on the rays' device, per pose: its box lo0, lo1, lo2, hi0, hi1, hi2.
+        shapes: the (I, J, K) of every volume (host ints: the int64 decision).
+        max_samples: the largest sample count (host int: the launch configuration).
+    """
+
+    item: torch.Tensor
+    box: torch.Tensor
+    shapes: tuple
+    max_samples: int
+
+
+def _common_args(density, source, target, lo, hi, n_samples, n_channels=1, pool=None):
     batch, n_rays, _ = target.shape
-    size_i, size_j, size_k = density.shape
     shared = source.shape[1] == 1
     src_stride_b = 3 if shared else 3 * n_rays
     src_stride_r = 0 if shared else 3
-    int64 = needs_int64(tuple(density.shape), batch * n_rays * 3)
+    n_ray_elements = batch * n_rays * max(3, n_channels)
+    if pool is None:
+        size_i, size_j, size_k = density.shape
+        int64 = needs_int64(tuple(density.shape), n_ray_elements)
+        pool_args = (target, target)  # unused pointers
+    else:  # the kernels read shapes, boxes and sample counts per pose; pool offsets are int64 anyway
+        size_i = size_j = size_k = 1
+        lo, hi = (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)
+        n_samples = pool.max_samples
+        int64 = any(needs_int64(tuple(shape), n_ray_elements) for shape in pool.shapes)
+        pool_args = (pool.item, pool.box)
     args = (
+        *pool_args,
         n_rays,
         src_stride_b,
         src_stride_r,
@@ -475,6 +577,10 @@ def raymarch_forward(
     out: torch.Tensor | None = None,
     block_r: int | None = None,
     block_s: int | None = None,
+    labels: torch.Tensor | None = None,
+    n_channels: int = 1,
+    soft_labels: bool = False,
+    pool: Pool | None = None,
 ) -> torch.Tensor:
     """Launch the forward kernel. Inputs must already be validated and contiguous (``tritondrr.ops``).
 
@@ -486,25 +592,42 @@ def raymarch_forward(
             (shared by all poses).
         lo, hi: 3 floats each, the box (index coordinates; passed to the kernel as fp32).
         n_samples: samples per ray.
-        out: optional (B, 1, N) output buffer (tests pass a NaN-filled one).
+        out: optional (B, C, N) output buffer (tests pass a NaN-filled one).
         block_r, block_s: override the launch heuristic (tests of the tail masks).
+        labels: optional (I, J, K) contiguous int64 channel index of every voxel, in [0, n_channels).
+        n_channels: C, the number of output channels (1 without labels).
+        soft_labels: route each corner's trilinear weight to its own label's channel, instead of
+            each point to its nearest voxel's label's channel.
+        pool: one volume per pose (``Pool``): ``density`` (and ``labels``) are then the flat
+            packed buffers, and ``lo``, ``hi`` and ``n_samples`` are read per pose from the pool.
 
     Returns:
-        (B, 1, N) in the rays' dtype.
+        (B, C, N) in the rays' dtype.
     """
     batch, n_rays, _ = target.shape
+    n_channels = n_channels if labels is not None else 1
     if out is None:
-        out = torch.empty((batch, 1, n_rays), device=target.device, dtype=target.dtype)
+        out = torch.empty((batch, n_channels, n_rays), device=target.device, dtype=target.dtype)
     if batch == 0 or n_rays == 0:
         return out
-    br, bs, warps = launch_config(n_rays, n_samples)
+    br, bs, warps = launch_config(n_rays, pool.max_samples if pool is not None else n_samples)
     br, bs = block_r or br, block_s or bs
-    args, int64 = _common_args(density, source, target, lo, hi, n_samples)
+    args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels, pool)
     grid = (triton.cdiv(n_rays, br), batch)
     _wrap(_raymarch_fwd_kernel)[grid](
-        density, source, target, phase, out, *args, INT64=int64, BLOCK_R=br, BLOCK_S=bs, num_warps=warps
-    )
+        density, labels if labels is not None else density, source, target, phase, out, *args,
+        **_channel_flags(n_channels, soft_labels), POOL=pool is not None, INT64=int64, BLOCK_R=br, BLOCK_S=bs,
+        BLOCK_C=_block_c(n_channels), num_warps=warps,
+    )  # fmt: skip
     return out
+
+
+def _channel_flags(n_channels: int, soft_labels: bool) -> dict:
+    return dict(N_CHANNELS=n_channels, SOFT_LABELS=bool(soft_labels) and n_channels > 1)
+
+
+def _block_c(n_channels: int) -> int:
+    return triton.next_power_of_2(max(n_channels, 1))
 
 
 def fixed_point_scale(grad_out: torch.Tensor) -> torch.Tensor:
@@ -536,16 +659,22 @@ def raymarch_backward(
     deterministic: bool = False,
     block_r: int | None = None,
     block_s: int | None = None,
+    labels: torch.Tensor | None = None,
+    n_channels: int = 1,
+    soft_labels: bool = False,
+    pool: Pool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward kernel: ``(grad_density, grad_source, grad_target)``, None where not asked.
 
-    ``grad_out`` is (B, 1, N) contiguous; ``phase`` is (N,) as in ``raymarch_forward``.
+    ``grad_out`` is (B, C, N) contiguous; ``phase``, ``labels``, ``n_channels``, ``soft_labels`` and
+    ``pool`` as in ``raymarch_forward`` (with a pool, ``grad_density`` is the flat pool's gradient).
     ``grad_source`` has ``source``'s shape (per-ray source gradients are summed over rays for a
     shared source, deterministically). ``grad_density`` has ``density``'s dtype; it is accumulated
     in fp32 (fp64 for fp64 volumes) with float atomics, or in 64-bit fixed point when
     ``deterministic`` (bitwise repeatable; module docstring).
     """
     batch, n_rays, _ = target.shape
+    n_channels = n_channels if labels is not None else 1
     dev, rdt = target.device, target.dtype
     grad_src = grad_tgt = grad_vol = None
     if need_pose:
@@ -560,13 +689,14 @@ def raymarch_backward(
             acc_dtype = torch.float64 if density.dtype == torch.float64 else torch.float32
             grad_vol = torch.zeros(density.shape, device=dev, dtype=acc_dtype)
     if (need_pose or need_volume) and batch > 0 and n_rays > 0:
-        br, bs, warps = launch_config(n_rays, n_samples, backward=True)
+        br, bs, warps = launch_config(n_rays, pool.max_samples if pool is not None else n_samples, backward=True)
         br, bs = block_r or br, block_s or bs
-        args, int64 = _common_args(density, source, target, lo, hi, n_samples)
+        args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels, pool)
         grid = (triton.cdiv(n_rays, br), batch)
         dummy = grad_out  # stands in for buffers a specialisation never touches
         _wrap(_raymarch_bwd_kernel)[grid](
             density,
+            labels if labels is not None else density,
             source,
             target,
             phase,
@@ -579,6 +709,8 @@ def raymarch_backward(
             NEED_POSE_GRAD=need_pose,
             NEED_VOLUME_GRAD=need_volume,
             DETERMINISTIC=deterministic and need_volume,
+            **_channel_flags(n_channels, soft_labels),
+            POOL=pool is not None,
             INT64=int64,
             BLOCK_R=br,
             BLOCK_S=bs,

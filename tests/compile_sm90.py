@@ -60,25 +60,42 @@ def _scalars(int_type: str, ones: tuple[str, ...]) -> tuple[dict, dict]:
     return sig, const
 
 
-def _forward(vol: str, rays: str, int64: bool, ones=(), block_r=64, block_s=32):
+def _channels(channels: int, soft: bool) -> dict:
+    """Constexprs of the labelmap channels (C = 1: the plain kernel)."""
+    return dict(N_CHANNELS=channels, SOFT_LABELS=soft)
+
+
+def _forward(vol: str, rays: str, int64: bool, ones=(), block_r=64, block_s=32, channels=1, soft=False, pool=False):
     sig = {
         "vol_ptr": _PTR[vol],
+        "labels_ptr": "*i64",
         "src_ptr": _PTR[rays],
         "tgt_ptr": _PTR[rays],
         "phase_ptr": _PTR[rays],
         "out_ptr": _PTR[rays],
+        "item_ptr": "*i64",
+        "box_ptr": "*fp32",
     }
     scal, const = _scalars("i64" if int64 else "i32", ones)
     sig.update(scal)
-    const.update(INT64=int64, BLOCK_R=block_r, BLOCK_S=block_s)
-    sig.update({k: "constexpr" for k in ("INT64", "BLOCK_R", "BLOCK_S")})
+    flags = dict(
+        **_channels(channels, soft),
+        POOL=pool,
+        INT64=int64,
+        BLOCK_R=block_r,
+        BLOCK_S=block_s,
+        BLOCK_C=triton.next_power_of_2(channels),
+    )
+    const.update(flags)
+    sig.update({k: "constexpr" for k in flags})
     return _raymarch_fwd_kernel, sig, const
 
 
-def _backward(vol, rays, int64, pose, volume, det, ones=(), block_r=32, block_s=32):
+def _backward(vol, rays, int64, pose, volume, det, ones=(), block_r=32, block_s=32, channels=1, soft=False, pool=False):
     acc = "i64" if det else ("fp64" if vol == "fp64" else "fp32")
     sig = {
         "vol_ptr": _PTR[vol],
+        "labels_ptr": "*i64",
         "src_ptr": _PTR[rays],
         "tgt_ptr": _PTR[rays],
         "phase_ptr": _PTR[rays],
@@ -87,11 +104,20 @@ def _backward(vol, rays, int64, pose, volume, det, ones=(), block_r=32, block_s=
         "grad_tgt_ptr": _PTR[rays],
         "grad_vol_ptr": _PTR[acc],
         "scale_ptr": "*fp64",
+        "item_ptr": "*i64",
+        "box_ptr": "*fp32",
     }
     scal, const = _scalars("i64" if int64 else "i32", ones)
     sig.update(scal)
     flags = dict(
-        NEED_POSE_GRAD=pose, NEED_VOLUME_GRAD=volume, DETERMINISTIC=det, INT64=int64, BLOCK_R=block_r, BLOCK_S=block_s
+        NEED_POSE_GRAD=pose,
+        NEED_VOLUME_GRAD=volume,
+        DETERMINISTIC=det,
+        **_channels(channels, soft),
+        POOL=pool,
+        INT64=int64,
+        BLOCK_R=block_r,
+        BLOCK_S=block_s,
     )
     const.update(flags)
     sig.update({k: "constexpr" for k in flags})
@@ -117,6 +143,38 @@ def specialisations() -> dict:
     specs["bwd-pose1-vol1-det0-fp64-rays-fp64"] = _backward("fp64", "fp64", False, True, True, False)
     specs["bwd-ones"] = _backward(
         "fp32", "fp32", False, True, True, True, ones=("n_rays", "size_k", "stride_j", "n_samples")
+    )
+    # Labelmap channels: hard and soft labels, a non-power-of-two C, the largest C the kernels take.
+    for soft in (False, True):
+        kind = "soft" if soft else "hard"
+        specs[f"fwd-{kind}-c5-fp32-i32"] = _forward("fp32", "fp32", False, channels=5, soft=soft)
+        specs[f"fwd-{kind}-c32-bf16-i64"] = _forward("bf16", "fp32", True, channels=32, soft=soft)
+        specs[f"bwd-{kind}-c5-pose1-vol1-det0-fp32-i32"] = _backward(
+            "fp32", "fp32", False, True, True, False, channels=5, soft=soft
+        )
+        specs[f"bwd-{kind}-c5-pose0-vol1-det1-fp32-i64"] = _backward(
+            "fp32", "fp32", True, False, True, True, channels=5, soft=soft
+        )
+        specs[f"bwd-{kind}-c32-pose1-vol0-det0-fp32-i32"] = _backward(
+            "fp32", "fp32", False, True, False, False, channels=32, soft=soft
+        )
+    specs["fwd-hard-c2-ones"] = _forward(
+        "fp32", "fp32", False, ones=("n_rays", "size_k", "stride_j", "n_samples"), channels=2
+    )
+    # Packed pools (one volume per pose): the scalar shape, box and sample arguments are unused
+    # (the launcher passes 1s and 0s: size_i, size_j, size_k and stride_j become constexpr 1).
+    pool_ones = ("size_i", "size_j", "size_k", "stride_i", "stride_j")
+    for int64 in (False, True):
+        tag = "i64" if int64 else "i32"
+        specs[f"fwd-pool-fp32-{tag}"] = _forward("fp32", "fp32", int64, ones=pool_ones, pool=True)
+        specs[f"bwd-pool-pose1-vol1-det0-fp32-{tag}"] = _backward(
+            "fp32", "fp32", int64, True, True, False, ones=pool_ones, pool=True
+        )
+    specs["fwd-pool-bf16-i32"] = _forward("bf16", "fp32", False, ones=pool_ones, pool=True)
+    specs["bwd-pool-pose0-vol1-det1-fp32-i32"] = _backward("fp32", "fp32", False, False, True, True, ones=pool_ones, pool=True)
+    specs["fwd-pool-soft-c5-fp32-i32"] = _forward("fp32", "fp32", False, ones=pool_ones, channels=5, soft=True, pool=True)
+    specs["bwd-pool-hard-c5-pose1-vol1-det0-fp32-i32"] = _backward(
+        "fp32", "fp32", False, True, True, False, ones=pool_ones, channels=5, pool=True
     )
     return specs
 

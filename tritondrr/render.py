@@ -68,7 +68,10 @@ def render(
 
     Args:
         density: (I, J, K) float tensor (fp32, fp64, fp16 or bf16). Voxel (i, j, k) has its centre
-            at index (i, j, k); the field is zero beyond one voxel outside the grid.
+            at index (i, j, k); the field is zero beyond one voxel outside the grid. Or a list or
+            tuple of B volumes of any shapes: pose b is rendered through volume b (one launch on
+            the Triton backend; ``tritondrr.renderers.batched``), with ``affine`` (B, 4, 4) and
+            ``mask`` / ``box`` sequences of B entries.
         affine: (4, 4) voxel index -> world mm.
         source: (B, 1, 3) or (B, N, 3) ray starts in world mm.
         target: (B, N, 3) ray ends in world mm (the detector pixels).
@@ -104,6 +107,14 @@ def render(
         >>> round(float(out), 4)  # 1 mm voxels: 3 mm of plateau plus a 1 mm tent on each side
         4.0
     """
+    if isinstance(density, (list, tuple)):  # many volumes: pose b through density[b]
+        from .renderers.batched import render_volumes
+
+        return render_volumes(
+            density, affine, source, target, mask=mask, renderer=renderer, soft_labels=soft_labels,
+            n_channels=n_channels, step=step, n_samples=n_samples, box=box, ray_ids=ray_ids, backend=backend,
+            deterministic=deterministic,
+        )  # fmt: skip
     _check_tensor("density", density, 3)
     _check_tensor("affine", affine, 2)
     if affine.shape != (4, 4):

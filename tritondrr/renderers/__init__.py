@@ -58,12 +58,20 @@ def _trilinear_torch(density, source, target, *, box, labels, n_channels, soft_l
 def _trilinear_triton(density, source, target, *, box, labels, n_channels, soft_labels, sampling):
     from .trilinear import op
 
-    if labels is not None:
-        raise NotImplementedError("labelmap channels are not yet supported by renderer='trilinear' on backend='triton'")
     lo, hi = box
+    if labels is not None and n_channels > op.MAX_CHANNELS:
+        # The kernels loop over the channels statically (compile time and registers grow with C):
+        # beyond MAX_CHANNELS the PyTorch reference renders, on the same device.
+        from .trilinear import naive
+
+        return naive.raymarch(
+            density, source, target, sampling.phase, lo, hi, sampling.n_samples,
+            labels=labels, n_channels=n_channels, soft_labels=soft_labels,
+        )  # fmt: skip
     return op.raymarch(
-        density, source, target, sampling.phase, lo, hi, sampling.n_samples, deterministic=sampling.deterministic
-    )
+        density, source, target, sampling.phase, lo, hi, sampling.n_samples, deterministic=sampling.deterministic,
+        labels=labels, n_channels=n_channels if labels is not None else 1, soft_labels=bool(soft_labels),
+    )  # fmt: skip
 
 
 def _exact_renderer(name: str, module: str):
