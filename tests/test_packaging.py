@@ -25,3 +25,15 @@ def test_wheel_contains_the_kernels_and_the_command(tmp_path):
     assert not any(name.startswith(("tests/", "bench/", "kernels/")) for name in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "tritondrr = tritondrr.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_every_package_is_listed_for_the_wheel():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for init in (ROOT / "tritondrr").rglob("__init__.py")
+        if not init.parent.is_symlink() and "kernels" not in init.parent.relative_to(ROOT).parts
+    }
+    assert found | {"tritondrr.kernels"} == listed

