@@ -287,8 +287,9 @@ class Detector(nn.Module):
         return source, target
 
     def calibration_matrix(self, dtype=torch.float64, device=None) -> torch.Tensor:
-        """(4, 4) [[delx, 0, 0, x0], [0, dely, 0, y0], [0, 0, sdd, 0], [0, 0, 0, 1]] (offsets as given)."""
-        return self._calibration.to(dtype=dtype, device=device)
+        """(4, 4) [[delx, 0, 0, x0], [0, dely, 0, y0], [0, 0, sdd, 0], [0, 0, 0, 1]] (offsets as given):
+        a new tensor, so editing it leaves the detector alone."""
+        return self._calibration.detach().to(dtype=dtype, device=device, copy=True)
 
     @property
     def _sign_x(self) -> float:

