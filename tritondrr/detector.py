@@ -17,6 +17,8 @@ and the other intrinsics helpers live in ``tritondrr.utils`` and are re-exported
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -70,8 +72,12 @@ def _number(name, value):
 
 
 def _count(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
+    """A Python int from an int, a NumPy integer or a one-element integer tensor."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}")
     return value

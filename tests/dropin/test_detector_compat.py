@@ -1,6 +1,7 @@
 """tritondrr.detector.Detector as DiffDRR 0.6.1's module: rays against the closed form of
 CONVENTIONS.md, DiffDRR's attribute values, state_dict, and parity with DiffDRR where importable."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,7 +138,10 @@ def test_errors_name_the_argument():
         Detector(800.0, 2, 3, 1.0, 1.0, n_subsample=7)
     with pytest.raises(TypeError, match="x0 must be a number"):
         Detector(800.0, 2, 3, 1.0, 1.0, x0="left")
-    det = Detector(800.0, 2, 3, 1.0, 1.0)
+    with pytest.raises(TypeError, match="height must be an int, got float"):
+        Detector(800.0, 2.5, 3, 1.0, 1.0)
+    det = Detector(800.0, np.int64(2), torch.tensor(3), np.float32(1.0), torch.tensor(1.0))  # as read from files
+    assert (det.height, det.width, det.delx) == (2, 3, 1.0) and type(det.height) is int
     with pytest.raises(
         TypeError, match="calibration must be a RigidTransform or a \\(B, 4, 4\\) tensor, got \\(3, 3\\)"
     ):
