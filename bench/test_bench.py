@@ -12,8 +12,7 @@ import torch
 
 import drrbench as B
 
-SIZES = [(1, h, h) for h in (B.QUICK_HEIGHTS if B.quick() else B.HEIGHTS)]
-SIZES.append(B.QUICK_BATCH if B.quick() else B.BATCH)
+SIZES = B.sizes()  # the profile's fixed case list (BENCH_PROFILE: quick, full, gpu, dry)
 
 
 def _size_id(size):
@@ -35,35 +34,17 @@ def test_drr(benchmark, bench_device, scene, impl_name, mode, size):
         pytest.skip(why)
 
     rays = batch * height * width
-    predicted = B.predicted_seconds(impl_name, mode, rays)
-    goal_case = batch == 1 and (impl_name, mode, height) in B.GOAL_CASES
-    if not goal_case and predicted is not None and predicted > B.call_cap_s(device):
-        pytest.skip(f"time budget: predicted {predicted:.0f} s per call (from the previous size) exceeds "
-                    f"{B.call_cap_s(device):.0f} s (BENCH_CALL_CAP_S)")
-    if not goal_case and (why := B.budget_reason(device, predicted)) is not None:
-        pytest.skip(why)
-    # tritondrr may compile on a first call (torch.compile on CPU): it always gets its warm-up.
-    long_call = (device.type == "cpu" and impl_name != "tritondrr"
-                 and predicted is not None and predicted > B.LONG_CALL_S)
-
     benchmark.group = f"{mode}-{_size_id(size)}"
     rotations, translations = B.seed_pose(batch, device)
     try:
         impl = B.build(impl_name, scene, height, width, device, volume_grad=(mode == "backward_volume"))
         run = B.make_callable(impl, mode, rotations, translations, device)
-        if long_call:  # one timed round is also the memory measurement and gives the image
-            meter, held = B.PeakMemory(device), {}
-            benchmark.pedantic(
-                lambda: held.setdefault("image", run()),
-                setup=lambda: meter.__enter__() and None,
-                teardown=lambda: meter.__exit__(None, None, None),
-                rounds=1, iterations=1, warmup_rounds=0,
-            )  # fmt: skip
-            seconds, image, peak, method, rounds = None, held["image"], meter.peak, meter.method, 1
-        else:
-            calls = 2 if device.type == "cuda" or impl_name == "tritondrr" else 1
-            seconds, image, peak, method = B.warm_up(run, device, calls)
-            rounds = B.rounds_for(seconds, device)
+        calls = 2 if device.type == "cuda" or impl_name == "tritondrr" else 1
+        seconds, image, peak, method = B.warm_up(run, device, calls)
+        # A CPU peer call that took over LONG_CALL_S is timed once more, not ten times.
+        long_call = device.type == "cpu" and impl_name != "tritondrr" and seconds > B.LONG_CALL_S
+        rounds = 1 if long_call else B.rounds_for(seconds, device)
+        del image  # accuracy is measured by bench/accuracy.py, not from the timed calls
     except (torch.cuda.OutOfMemoryError, MemoryError) as e:
         pytest.skip(f"out of memory on {device}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     except RuntimeError as e:
@@ -92,21 +73,13 @@ def test_drr(benchmark, bench_device, scene, impl_name, mode, size):
         warmup_s=seconds,
         rounds=rounds,
     )
-    info.update(B.accuracy(scene, impl, image, rotations, translations))
-    del image
-    if mode == "forward" and height <= B.ROTATED_MAX_HEIGHT and batch == 1:
-        info.update(B.rotated_accuracy(scene, impl, device))
-
-    if not long_call:
-        benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
+    info["profile"] = B.profile().name
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
     stats = getattr(benchmark, "stats", None)
     if stats is not None:  # None under --benchmark-disable
         median = stats.stats.median
         info["time_median_s"] = median
         info["samples_per_s"] = rays * impl.samples_per_ray / median
-        B.record_call(impl_name, mode, rays, median)
-    elif seconds is not None:
-        B.record_call(impl_name, mode, rays, seconds)
 
 
 def test_same_rays(bench_device, scene):
