@@ -13,7 +13,7 @@ from tritondrr.drr import DRR, reshape_subsampled_drr
 from tritondrr.pose import RigidTransform, convert
 
 F64 = torch.float64
-ZXY = dict(parameterization="euler_angles", convention="ZXY")
+ZXY = {"parameterization": "euler_angles", "convention": "ZXY"}
 
 
 def subject(labelmap=False, shape=(16, 14, 12)):
@@ -25,7 +25,7 @@ def pose_at(rot=(0.1, -0.2, 0.05), xyz=(0.0, 850.0, 0.0), dtype=torch.float32):
 
 
 def small_drr(**kwargs):
-    args = dict(sdd=1020.0, height=8, delx=45.0, n_points=48, huge_pages=False)
+    args = {"sdd": 1020.0, "height": 8, "delx": 45.0, "n_points": 48, "huge_pages": False}
     args.update(kwargs)
     return DRR(args.pop("subject", None) or subject(), **args)
 
@@ -269,7 +269,7 @@ def ct_files(tmp_path_factory):
 
 def both(ct_files, **kwargs):
     ddata, ddrr = pytest.importorskip("diffdrr.data"), pytest.importorskip("diffdrr.drr")
-    args = dict(sdd=1800.0, height=10, width=9, delx=40.0)
+    args = {"sdd": 1800.0, "height": 10, "width": 9, "delx": 40.0}
     args.update(kwargs)
     theirs = ddrr.DRR(ddata.read(ct_files[0], labelmap=ct_files[1]), **args)
     ours = DRR(td.read(ct_files[0], labelmap=ct_files[1]), **args)
