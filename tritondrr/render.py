@@ -72,7 +72,8 @@ def render(
             tuple of B volumes of any shapes: pose b is rendered through volume b (one launch on
             the Triton backend; ``tritondrr.renderers.batched``), with ``affine`` (B, 4, 4) and
             ``mask`` / ``box`` sequences of B entries.
-        affine: (4, 4) voxel index -> world mm.
+        affine: (4, 4) voxel index -> world mm (or a one-pose ``RigidTransform`` such as
+            ``drr.affine``).
         source: (B, 1, 3) or (B, N, 3) ray starts in world mm.
         target: (B, N, 3) ray ends in world mm (the detector pixels).
         mask: optional (I, J, K) integer labelmap. The output gets one channel per label
@@ -107,6 +108,10 @@ def render(
         >>> round(float(out), 4)  # 1 mm voxels: 3 mm of plateau plus a 1 mm tent on each side
         4.0
     """
+    if hasattr(affine, "matrix") and not isinstance(affine, torch.Tensor):  # a RigidTransform (drr.affine)
+        affine = affine.matrix
+        if isinstance(density, torch.Tensor) and affine.dim() == 3 and affine.shape[0] == 1:
+            affine = affine[0]
     if isinstance(density, (list, tuple)):  # many volumes: pose b through density[b]
         from .renderers.batched import render_volumes
 

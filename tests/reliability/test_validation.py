@@ -298,13 +298,13 @@ def test_replacing_or_editing_the_density_rederives_the_box():
 def test_threads_sharing_a_redrawing_drr_get_consistent_subsets():
     drr = small_drr(height=8, p_subsample=0.3, redraw_subsample=True)
     full = small_drr(height=8)(ROT, XYZ, **POSE)
-    reshape = DRR._reshape
+    reshape = DRR.reshape_transform
 
-    def slow_reshape(self, img):  # widen the window between drawing a subset and scattering it
+    def slow_reshape(self, img, batch_size):  # widen the window between drawing a subset and scattering it
         time.sleep(0.05)
-        return reshape(self, img)
+        return reshape(self, img, batch_size)
 
-    drr._reshape = types.MethodType(slow_reshape, drr)
+    drr.reshape_transform = types.MethodType(slow_reshape, drr)
     results, errors = [], []
 
     def worker():

@@ -137,7 +137,9 @@ def pose_jacobian(
     tgt = target.clone().requires_grad_()
     density = drr.density.detach() if drr.density.requires_grad else drr.density  # no volume gradient work
     with torch.enable_grad():
-        img = drr.render(density, src, tgt, mask_to_channels=mask_to_channels)  # [B, C, ...]
+        ids = drr.subsamples  # the rendered pixels: drr.render renders the rays it is given
+        rays = (src, tgt) if ids is None else (src[:, ids], tgt[:, ids])
+        img = drr.reshape_transform(drr.render(density, *rays, mask_to_channels=mask_to_channels), batch)
         channels = img.shape[1]
         dT = dE[:, :, 3, :]  # [B, 3, P]
         dR = dE[:, :, :3, :].reshape(batch, 9, n_params)  # [B, 9, P], row-major (i, j)

@@ -139,7 +139,7 @@ class _DuckSubject:
             self.data, self.affine = data, affine
 
     def __init__(self, drr):
-        self.density = self._Image(drr.density.detach()[None].cpu(), drr.affine.detach().double().cpu().numpy())
+        self.density = self._Image(drr.density.detach()[None].cpu(), drr._affine[0].detach().double().cpu().numpy())
         self.reorient = drr.reorient.detach().double().cpu()
         self.mask = None if drr.mask is None else self._Image(drr.mask[None].cpu(), None)
 
@@ -162,7 +162,7 @@ def rescaled_drr(drr, factor: int):
     if subject is None or getattr(subject, "density", None) is None:
         subject = _DuckSubject(drr)
     options = {"n_samples": drr.n_samples, "backend": drr.backend}
-    renderer = getattr(drr, "renderer", None)
+    renderer = getattr(drr, "renderer_name", None)
     if isinstance(renderer, str):
         options["renderer"] = renderer
     coarse = DRR(
@@ -172,8 +172,8 @@ def rescaled_drr(drr, factor: int):
         width=width,
         delx=det.delx * det.width / width,
         dely=det.dely * det.height / height,
-        x0=det.x0,
-        y0=det.y0,
+        x0=det.offsets[0],  # as given to DRR(x0=); det.x0 is DiffDRR's negated value
+        y0=det.offsets[1],
         reverse_x_axis=det.reverse_x_axis,
         **options,
     )
@@ -318,7 +318,7 @@ def register(
     try:
         for level, (factor, level_drr) in enumerate(levels):
             det = level_drr.detector
-            target = _pool(xray, det.height, det.width).to(level_drr.affine)
+            target = _pool(xray, det.height, det.width).to(level_drr._affine)
             run = _adam if optimizer == "adam" else _levenberg_marquardt
             stop = run(
                 level_drr, target, state, level, factor, metric, options, max_iterations, settings, callback, bar

