@@ -72,7 +72,7 @@ _RAY_DTYPES = (torch.float32, torch.float64)
 _VOLUME_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _setup(s: torch.Tensor, e: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, shape: torch.Tensor):
+def _setup(s: torch.Tensor, e: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, shape: torch.Tensor, strides):
     """Per-ray clip and per-axis constants of R rays. s, e: (R, 3); lo, hi, shape: (3,).
 
     Returns a dict of (R,) / (R, 3) tensors: ``ta``, ``tb``, ``taub`` (= tb - ta, 0 for misses),
@@ -101,11 +101,29 @@ def _setup(s: torch.Tensor, e: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
     q = torch.addcmul(s, ta[:, None], d)
     qh = q - 0.5
     pos = (d > 0) | par
+    step = torch.where(pos, strides, -strides)  # flat offset from the voxel before a crossing to the one after
     xe = torch.addcmul(q, taub[:, None], d)
     m_lo = (torch.minimum(q, xe) - 0.5).floor().clamp(min=0.0)
     m_hi = torch.minimum((torch.maximum(q, xe) - 0.5).ceil(), shape - 2.0)
     count = torch.where(hit[:, None] & ~par, m_hi - m_lo + 1.0, torch.zeros_like(m_lo)).clamp(min=0.0)
+    # Per-axis (R,) contiguous copies for the (planes, rays) blocks, rays innermost (vectorised).
+    axes = [
+        {
+            "q": q[:, a].contiguous(),
+            "qh": qh[:, a].contiguous(),
+            "d": d[:, a].contiguous(),
+            "inv": inv[:, a].contiguous(),
+            "pos": pos[:, a].contiguous(),
+            "step": step[:, a].contiguous(),
+            "m_lo": m_lo[:, a].contiguous(),
+            "count": count[:, a].contiguous(),
+            "m_first": m_lo[:, a].to(strides.dtype),
+            "neg": (~pos[:, a]).to(strides.dtype),
+        }
+        for a in range(3)
+    ]
     return {
+        "axes": axes,
         "ta": ta,
         "tb": tb,
         "taub": taub,
@@ -113,10 +131,11 @@ def _setup(s: torch.Tensor, e: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
         "d": d,
         "inv": inv,
         "pos": pos,
+        "step": step,
         "q": q,
         "qh": qh,
-        "m_lo": m_lo.long(),
-        "count": count.long(),
+        "m_lo": m_lo,
+        "count": count,
         "ax_in": ax_in,
         "ax_out": ax_out,
         "cut_in": hit & (tmin_max > 0.0),
@@ -124,81 +143,83 @@ def _setup(s: torch.Tensor, e: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
     }
 
 
-def _index_at(ray: dict, axis: int, tau: torch.Tensor, after: bool, n: int) -> torch.Tensor:
-    """Voxel index along ``axis`` at parameters ``tau`` (R, S) (float, clamped to [0, n - 1]).
+def _index_at(ax: dict, tau: torch.Tensor, after: bool, n: int, itype) -> torch.Tensor:
+    """Voxel index along one axis (``ax``: its (R,) constants) at parameters ``tau`` (S, R) or (R,),
+    clamped to [0, n - 1], as ``itype``.
 
     The nearest plane ``h = floor(x)`` has crossed iff ``tau_h <= tau`` (``after``) or
     ``tau_h < tau``; ``tau_h`` is computed exactly as that axis's own crossings are.
     """
-    q = ray["q"][:, axis, None]
-    x = torch.addcmul(q, tau, ray["d"][:, axis, None])
-    h = x.floor_()
-    tau_h = (h - ray["qh"][:, axis, None]).mul_(ray["inv"][:, axis, None])
-    crossed = tau_h <= tau if after else tau_h < tau
-    return h.add_(crossed == ray["pos"][:, axis, None]).clamp_(0.0, n - 1.0)
+    h = torch.addcmul(ax["q"], tau, ax["d"]).floor_()
+    tau_h = (h - ax["qh"]).mul_(ax["inv"])
+    crossed = tau_h.le_(tau) if after else tau_h.lt_(tau)
+    h += crossed.eq_(ax["pos"])
+    return h.clamp_(0.0, n - 1.0).to(itype)
 
 
-def _end_offsets(ray: dict, tau: torch.Tensor, after: bool, dims, strides) -> torch.Tensor:
+def _end_offsets(ray: dict, tau: torch.Tensor, after: bool, dims, strides, itype) -> torch.Tensor:
     """Flat offsets (R,) of the voxels at ``tau`` (R,), every axis on the same side."""
-    off = None
-    for a in range(3):
-        idx = _index_at(ray, a, tau[:, None], after, dims[a])[:, 0].long() * strides[a]
-        off = idx if off is None else off + idx
-    return off
+    off = _index_at(ray["axes"][0], tau, after, dims[0], itype).mul_(strides[0])
+    off += _index_at(ray["axes"][1], tau, after, dims[1], itype).mul_(strides[1])
+    return off.add_(_index_at(ray["axes"][2], tau, after, dims[2], itype))
 
 
-def _crossings(ray: dict, a: int, start: int, width: int, dims, strides):
+def _crossings(ray: dict, a: int, start: int, width: int, dims, strides, itype):
     """Crossings ``start .. start + width`` of axis ``a``'s planes: tau (0 where invalid) and flat
-    offsets of the voxels before and after. Each (R, width)."""
+    offsets of the voxels before and after. Each (width, R): rays innermost, so the per-ray
+    operands are contiguous and the per-plane ones scalars of the vectorised loops."""
     b, c = [x for x in range(3) if x != a]
-    j = torch.arange(start, start + width, device=ray["q"].device)
-    m_int = ray["m_lo"][:, a, None] + j  # (R, S)
-    m = m_int.to(ray["q"].dtype)
-    tau = (m - ray["qh"][:, a, None]).mul_(ray["inv"][:, a, None])
-    valid = (j < ray["count"][:, a, None]) & (tau > 0) & (tau < ray["taub"][:, None])
-    tau = torch.where(valid, tau, torch.zeros_like(tau))
-    ib = _index_at(ray, b, tau, b < a, dims[b]).long()
-    ic = _index_at(ray, c, tau, c < a, dims[c]).long()
-    m_int = m_int.clamp_(max=max(dims[a] - 2, 0))
-    before = ib * strides[b] + ic * strides[c] + (m_int + (~ray["pos"][:, a, None]).long()) * strides[a]
-    after = before + torch.where(ray["pos"][:, a, None], strides[a], -strides[a])
+    ax = ray["axes"][a]
+    dev = ax["q"].device
+    j = torch.arange(start, start + width, device=dev, dtype=ax["q"].dtype)[:, None]  # (S, 1)
+    tau = (ax["m_lo"] + j).sub_(ax["qh"]).mul_(ax["inv"])  # as _index_at's tau_h
+    valid = (j < ax["count"]).logical_and_(tau > 0).logical_and_(tau < ray["taub"])
+    tau.mul_(valid)
+    off = _index_at(ray["axes"][b], tau, b < a, dims[b], itype).mul_(strides[b])
+    off += _index_at(ray["axes"][c], tau, c < a, dims[c], itype).mul_(strides[c])
+    # Plane m separates voxels m and m + 1 along a: before is m (d_a > 0) or m + 1 (d_a < 0).
+    j_int = torch.arange(start, start + width, device=dev, dtype=itype)[:, None]
+    plane = (ax["m_first"] + j_int).clamp_(max=max(dims[a] - 2, 0))
+    before = off.add_(plane.add_(ax["neg"]).mul_(strides[a]))
+    after = before + ax["step"]
     return tau, before, after
 
 
-def _forward_chunk(vol, lab, n_channels, ray, dims, strides):
+def _forward_chunk(vol, lab, n_channels, ray, dims, strides, itype):
     """(R, C) integrals of one chunk."""
-    rays = ray["q"].shape[0]
-    end = _end_offsets(ray, ray["taub"], False, dims, strides)
-    v_end = torch.where(ray["hit"], vol[end], torch.zeros_like(ray["taub"]))
+    rays = ray["taub"].shape[0]
+    end = _end_offsets(ray, ray["taub"], False, dims, strides, itype)
+    v_end = vol.index_select(0, end).mul_(ray["taub"])  # taub = 0 for misses
     if lab is None:
-        acc = ray["taub"] * v_end
+        acc = v_end
     else:
         acc = torch.zeros((rays, n_channels), dtype=vol.dtype, device=vol.device)
-        acc.scatter_add_(1, lab[end][:, None], (ray["taub"] * v_end)[:, None])
+        acc.scatter_add_(1, lab.index_select(0, end)[:, None], v_end[:, None])
     width = max(1, CHUNK_ELEMENTS // max(rays, 1))
     for a in range(3):
-        total = int(ray["count"][:, a].max()) if rays else 0
+        total = int(ray["axes"][a]["count"].max()) if rays else 0
         for start in range(0, total, width):
-            tau, before, after = _crossings(ray, a, start, min(width, total - start), dims, strides)
-            vb = vol[before].mul_(tau)
-            va = vol[after].mul_(tau)
+            tau, before, after = _crossings(ray, a, start, min(width, total - start), dims, strides, itype)
+            vb = vol.index_select(0, before.view(-1)).view(before.shape)
+            va = vol.index_select(0, after.view(-1)).view(after.shape)
             if lab is None:
-                acc += (vb - va).sum(dim=1)
+                acc += vb.sub_(va).mul_(tau).sum(dim=0)
             else:
-                acc.scatter_add_(1, lab[before], vb)
-                acc.scatter_add_(1, lab[after], va.neg_())
+                acc.scatter_add_(1, lab.index_select(0, before.view(-1)).view(before.shape).t(), vb.mul_(tau).t())
+                acc.scatter_add_(1, lab.index_select(0, after.view(-1)).view(after.shape).t(), va.mul_(tau).neg_().t())
     return acc
 
 
-def _backward_chunk(vol, lab, w, ray, dims, strides, grad_vol, need_pose):
+def _backward_chunk(vol, lab, w, ray, dims, strides, itype, grad_vol, need_pose):
     """Pose gradients (R, 3), (R, 3) of one chunk (None if not ``need_pose``); adds into grad_vol.
 
     ``w`` is (R, C): the output gradient of each ray and channel.
     """
-    rays = ray["q"].shape[0]
-    dt = ray["q"].dtype
-    end = _end_offsets(ray, ray["taub"], False, dims, strides)
-    w_end = w[:, 0] if lab is None else w.gather(1, lab[end][:, None])[:, 0]
+    rays = ray["taub"].shape[0]
+    dt = ray["taub"].dtype
+    w_t = w.t()  # (C, R)
+    end = _end_offsets(ray, ray["taub"], False, dims, strides, itype)
+    w_end = w[:, 0] if lab is None else w.gather(1, lab.index_select(0, end)[:, None])[:, 0]
     w_end = torch.where(ray["hit"], w_end, torch.zeros_like(w_end))
     if grad_vol is not None:
         grad_vol.index_add_(0, end, (w_end * ray["taub"]).to(grad_vol.dtype))
@@ -206,22 +227,24 @@ def _backward_chunk(vol, lab, w, ray, dims, strides, grad_vol, need_pose):
     tsum = torch.zeros((rays, 3), dtype=dt, device=vol.device)
     width = max(1, CHUNK_ELEMENTS // max(rays, 1))
     for a in range(3):
-        total = int(ray["count"][:, a].max()) if rays else 0
+        total = int(ray["axes"][a]["count"].max()) if rays else 0
         for start in range(0, total, width):
-            tau, before, after = _crossings(ray, a, start, min(width, total - start), dims, strides)
+            tau, before, after = _crossings(ray, a, start, min(width, total - start), dims, strides, itype)
+            shape = before.shape
+            before, after = before.view(-1), after.view(-1)
             if lab is None:
-                wb = wa = w[:, :1]
+                wb = wa = w_t[0]
             else:
-                wb = w.gather(1, lab[before])
-                wa = w.gather(1, lab[after])
+                wb = w.gather(1, lab.index_select(0, before).view(shape).t()).t()
+                wa = w.gather(1, lab.index_select(0, after).view(shape).t()).t()
             if grad_vol is not None:
-                grad_vol.index_add_(0, before.view(-1), (wb * tau).view(-1).to(grad_vol.dtype))
-                grad_vol.index_add_(0, after.view(-1), (wa * tau).neg_().view(-1).to(grad_vol.dtype))
+                grad_vol.index_add_(0, before, (wb * tau).reshape(-1).to(grad_vol.dtype))
+                grad_vol.index_add_(0, after, (wa * tau).neg_().reshape(-1).to(grad_vol.dtype))
             if need_pose:
-                jump = wa * vol[after] - wb * vol[before]
-                jump = torch.where(tau > 0, jump, torch.zeros_like(jump))
-                jsum[:, a] += jump.sum(dim=1)
-                tsum[:, a] += (jump * tau).sum(dim=1)
+                jump = (wa * vol.index_select(0, after).view(shape)).sub_(wb * vol.index_select(0, before).view(shape))
+                jump.mul_(tau > 0)
+                jsum[:, a] += jump.sum(dim=0)
+                tsum[:, a] += jump.mul_(tau).sum(dim=0)
     if not need_pose:
         return None, None
     ta, tb, inv = ray["ta"], ray["tb"], ray["inv"]
@@ -229,10 +252,10 @@ def _backward_chunk(vol, lab, w, ray, dims, strides, grad_vol, need_pose):
     gs = -((ta - 1.0)[:, None] * jsum + tsum) * inv
     ge = (ta[:, None] * jsum + tsum) * inv
     # Box faces at the ends: the field jumps from 0 to f(ta+) and from f(tb-) to 0.
-    start = _end_offsets(ray, torch.zeros_like(ta), True, dims, strides)
-    w_in = w[:, 0] if lab is None else w.gather(1, lab[start][:, None])[:, 0]
-    j_in = torch.where(ray["cut_in"], w_in * vol[start], torch.zeros_like(ta))
-    j_out = torch.where(ray["cut_out"], -w_end * vol[end], torch.zeros_like(ta))
+    start = _end_offsets(ray, torch.zeros_like(ta), True, dims, strides, itype)
+    w_in = w[:, 0] if lab is None else w.gather(1, lab.index_select(0, start)[:, None])[:, 0]
+    j_in = torch.where(ray["cut_in"], w_in * vol.index_select(0, start), torch.zeros_like(ta))
+    j_out = torch.where(ray["cut_out"], -w_end * vol.index_select(0, end), torch.zeros_like(ta))
     inv_in = inv.gather(1, ray["ax_in"][:, None])[:, 0]
     inv_out = inv.gather(1, ray["ax_out"][:, None])[:, 0]
     gs.scatter_add_(1, ray["ax_in"][:, None], (-j_in * (ta - 1.0) * inv_in)[:, None])
@@ -243,17 +266,19 @@ def _backward_chunk(vol, lab, w, ray, dims, strides, grad_vol, need_pose):
 
 
 def _geometry(density: torch.Tensor, box, dtype):
-    """dims, strides (Python ints) and lo, hi, shape (3,) tensors of the clip box."""
+    """dims, strides (Python ints), the offset dtype, and lo, hi, shape, strides (3,) tensors."""
     dims = tuple(int(n) for n in density.shape)
     strides = (dims[1] * dims[2], dims[2], 1)
     dev = density.device
+    itype = torch.int32 if density.numel() < 2**31 else torch.int64
+    strides_t = torch.tensor(strides, dtype=itype, device=dev)
     lo = torch.full((3,), -0.5, dtype=dtype, device=dev)
     hi = torch.tensor([n - 0.5 for n in dims], dtype=dtype, device=dev)
     if box is not None:
         lo = torch.maximum(lo, torch.as_tensor(box[0], dtype=dtype, device=dev).reshape(3))
         hi = torch.minimum(hi, torch.as_tensor(box[1], dtype=dtype, device=dev).reshape(3))
     shape = torch.tensor(dims, dtype=dtype, device=dev)
-    return dims, strides, lo, hi, shape
+    return dims, strides, itype, lo, hi, shape, strides_t
 
 
 class _Siddon(torch.autograd.Function):
@@ -261,15 +286,16 @@ class _Siddon(torch.autograd.Function):
     def forward(ctx, density, source, target, labels, n_channels, box):
         batch, n_rays, _ = target.shape
         dt = target.dtype
-        dims, strides, lo, hi, shape = _geometry(density, box, dt)
+        dims, strides, itype, lo, hi, shape, strides_t = _geometry(density, box, dt)
         vol = density.detach().to(dt).reshape(-1)
         lab = None if labels is None else labels.reshape(-1)
         src = source.detach().expand(batch, n_rays, 3).reshape(-1, 3)
         tgt = target.detach().reshape(-1, 3)
         out = torch.empty((batch * n_rays, n_channels), dtype=dt, device=target.device)
         for r0 in range(0, batch * n_rays, CHUNK_RAYS):
-            ray = _setup(src[r0 : r0 + CHUNK_RAYS], tgt[r0 : r0 + CHUNK_RAYS], lo, hi, shape)
-            out[r0 : r0 + CHUNK_RAYS] = _forward_chunk(vol, lab, n_channels, ray, dims, strides).reshape(-1, n_channels)
+            ray = _setup(src[r0 : r0 + CHUNK_RAYS], tgt[r0 : r0 + CHUNK_RAYS], lo, hi, shape, strides_t)
+            acc = _forward_chunk(vol, lab, n_channels, ray, dims, strides, itype)
+            out[r0 : r0 + CHUNK_RAYS] = acc.reshape(-1, n_channels)
         ctx.save_for_backward(density, source, target, labels)
         ctx.config = (n_channels, box)
         return out.view(batch, n_rays, n_channels).permute(0, 2, 1).contiguous()
@@ -284,7 +310,7 @@ class _Siddon(torch.autograd.Function):
             return None, None, None, None, None, None
         batch, n_rays, _ = target.shape
         dt = target.dtype
-        dims, strides, lo, hi, shape = _geometry(density, box, dt)
+        dims, strides, itype, lo, hi, shape, strides_t = _geometry(density, box, dt)
         vol = density.detach().to(dt).reshape(-1)
         lab = None if labels is None else labels.reshape(-1)
         src = source.detach().expand(batch, n_rays, 3).reshape(-1, 3)
@@ -296,8 +322,8 @@ class _Siddon(torch.autograd.Function):
         ge_all = torch.empty_like(tgt) if need_pose else None
         for r0 in range(0, batch * n_rays, CHUNK_RAYS):
             sl = slice(r0, r0 + CHUNK_RAYS)
-            ray = _setup(src[sl], tgt[sl], lo, hi, shape)
-            gs, ge = _backward_chunk(vol, lab, w_all[sl], ray, dims, strides, grad_vol, need_pose)
+            ray = _setup(src[sl], tgt[sl], lo, hi, shape, strides_t)
+            gs, ge = _backward_chunk(vol, lab, w_all[sl], ray, dims, strides, itype, grad_vol, need_pose)
             if need_pose:
                 gs_all[sl], ge_all[sl] = gs, ge
         grad_density = grad_vol.view(density.shape).to(density.dtype) if need_volume else None
