@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["siddon_forward", "siddon_backward", "launch_config", "needs_int64"]
+__all__ = ["launch_config", "needs_int64", "siddon_backward", "siddon_forward"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +163,8 @@ def _axis_fwd(
             lb = tl.load(lab_ptr + before, mask=valid, other=0)  # [BLOCK_R, BLOCK_S]
             la = tl.load(lab_ptr + after, mask=valid, other=0)
             ch = tl.arange(0, C_PAD)[None, None, :]  # [1, 1, C_PAD]
-            part = tl.where(lb[:, :, None] == ch, vb[:, :, None], 0.0) - tl.where(la[:, :, None] == ch, va[:, :, None], 0.0)
+            part = tl.where(lb[:, :, None] == ch, vb[:, :, None], 0.0)  # [BLOCK_R, BLOCK_S, C_PAD]
+            part -= tl.where(la[:, :, None] == ch, va[:, :, None], 0.0)
             acc += tl.sum(part, axis=1)  # [BLOCK_R, C_PAD]
     return acc
 
@@ -256,7 +257,7 @@ def _siddon_fwd_kernel(
         qx, qhx, dx, invx, posx, mlox, cntx,
         qy, qhy, dy, invy, posy, mloy, cnty,
         qz, qhz, dz, invz, posz, mloz, cntz,
-        ta, tb, taub, hit, inx, iny, outx, outy, cut_in, cut_out,
+        _ta, _tb, taub, hit, _inx, _iny, _outx, _outy, _cut_in, _cut_out,
     ) = _ray_setup(
         src_ptr, tgt_ptr, pid_b, rays, mask_r, n_rays, src_stride_b, src_stride_r,
         size_i, size_j, size_k, lo0, lo1, lo2, hi0, hi1, hi2,
@@ -509,7 +510,7 @@ def _grid_box(shape, lo, hi) -> list[float]:
 
 
 def _common_args(density, source, target, lo, hi):
-    batch, n_rays, _ = target.shape
+    n_rays = target.shape[1]
     size_i, size_j, size_k = density.shape
     shared = source.shape[1] == 1
     args = (

@@ -72,9 +72,13 @@ def _forward(vol: str, rays: str, int64: bool, channels: int = 1, ones=(), block
     }
     scal, const = _scalars("i64" if int64 else "i32", ones)
     sig.update(scal)
-    flags = dict(
-        N_CHANNELS=channels, C_PAD=triton.next_power_of_2(channels), INT64=int64, BLOCK_R=block_r, BLOCK_S=block_s
-    )
+    flags = {
+        "N_CHANNELS": channels,
+        "C_PAD": triton.next_power_of_2(channels),
+        "INT64": int64,
+        "BLOCK_R": block_r,
+        "BLOCK_S": block_s,
+    }
     const.update(flags)
     sig.update({k: "constexpr" for k in flags})
     return _siddon_fwd_kernel, sig, const
@@ -94,14 +98,14 @@ def _backward(vol, rays, int64, pose, volume, channels=1, ones=(), block_r=32, b
     }
     scal, const = _scalars("i64" if int64 else "i32", ones)
     sig.update(scal)
-    flags = dict(
-        N_CHANNELS=channels,
-        NEED_POSE_GRAD=pose,
-        NEED_VOLUME_GRAD=volume,
-        INT64=int64,
-        BLOCK_R=block_r,
-        BLOCK_S=block_s,
-    )
+    flags = {
+        "N_CHANNELS": channels,
+        "NEED_POSE_GRAD": pose,
+        "NEED_VOLUME_GRAD": volume,
+        "INT64": int64,
+        "BLOCK_R": block_r,
+        "BLOCK_S": block_s,
+    }
     const.update(flags)
     sig.update({k: "constexpr" for k in flags})
     return _siddon_bwd_kernel, sig, const

@@ -51,7 +51,7 @@ def test_triton_matches_naive(dtype, shared, channels):
     gen = torch.Generator().manual_seed(20)
     vol = (torch.rand(SHAPE, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
     src, tgt = _rays(gen, 3, 60, dtype, shared)
-    kw = {} if channels == 1 else dict(labels=torch.randint(0, channels, SHAPE, generator=gen), n_channels=channels)
+    kw = {} if channels == 1 else {"labels": torch.randint(0, channels, SHAPE, generator=gen), "n_channels": channels}
     w = torch.rand(3, channels, tgt.shape[1], generator=gen, dtype=dtype)
     got = _run(op, vol, src, tgt, w, **kw)
     ref = _run(naive, vol, src, tgt, w, **kw)
@@ -119,11 +119,11 @@ def test_backward_computes_only_what_is_asked():
     vol = torch.rand(SHAPE, generator=gen, dtype=torch.float64) + 0.5
     src, tgt = random_rays(gen, 1, 30)
     w = torch.rand(1, 1, 30, generator=gen, dtype=torch.float64)
-    gv, gs, ge = kernels.siddon_backward(w, vol, src, tgt, need_pose=True, need_volume=False)
+    gv, gs, _ = kernels.siddon_backward(w, vol, src, tgt, need_pose=True, need_volume=False)
     assert gv is None and gs is not None
     gv2, gs2, ge2 = kernels.siddon_backward(w, vol, src, tgt, need_pose=False, need_volume=True)
     assert gs2 is None and ge2 is None and gv2 is not None
-    gv3, gs3, ge3 = kernels.siddon_backward(w, vol, src, tgt, need_pose=True, need_volume=True)
+    gv3, gs3, _ = kernels.siddon_backward(w, vol, src, tgt, need_pose=True, need_volume=True)
     torch.testing.assert_close(gv2, gv3, rtol=0, atol=1e-15)
     torch.testing.assert_close(gs, gs3, rtol=0, atol=0)
     # Through autograd: a volume without requires_grad gets no gradient, the pose does.

@@ -31,8 +31,9 @@ in axis order and telescope exactly, whatever the rounding. ``f(tb-)`` takes eve
 Conventions: components with ``|d_a| < PARALLEL`` (1e-30) are parallel to axis ``a``'s planes; a
 ray lying IN a plane ``x_a = m + 1/2`` takes voxel ``m + 1`` (round half up, the voxel definition
 ``[i - 1/2, i + 1/2)`` above; on the top face ``n_a - 1/2`` that is outside the grid: 0). A ray
-with ``s == e`` (zero length) gives 0, as do rays that miss. ``box`` only skips work (the field
-must be zero outside it).
+with ``s == e`` (zero length) gives 0, as do rays that miss. ``box`` only skips work: the field
+must be zero outside it, so voxels outside it get no volume gradient (pass no box when optimising
+a volume whose support may grow).
 
 Gradients (exact wherever ``g`` is differentiable). With ``t_c = ta + tau_c`` and the weighted
 jump ``J_c = w(c+) f(c+) - w(c-) f(c-)`` (``w``: the output gradient of the channel of each
@@ -58,7 +59,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["integrate", "PARALLEL"]
+__all__ = ["PARALLEL", "integrate"]
 
 #: Direction components with ``|d_a|`` below this are taken as parallel to axis ``a``'s planes.
 PARALLEL = 1e-30
@@ -373,9 +374,13 @@ def integrate(
     if target.dim() != 3 or target.shape[-1] != 3:
         raise ValueError(f"target must be (B, N, 3), got shape {tuple(target.shape)}")
     if source.dim() != 3 or source.shape[-1] != 3 or source.shape[0] != target.shape[0]:
-        raise ValueError(f"source must be (B, 1, 3) or (B, N, 3) for target {tuple(target.shape)}, got {tuple(source.shape)}")
+        raise ValueError(
+            f"source must be (B, 1, 3) or (B, N, 3) for target {tuple(target.shape)}, got {tuple(source.shape)}"
+        )
     if source.shape[1] not in (1, target.shape[1]):
-        raise ValueError(f"source must be (B, 1, 3) or (B, N, 3) for target {tuple(target.shape)}, got {tuple(source.shape)}")
+        raise ValueError(
+            f"source must be (B, 1, 3) or (B, N, 3) for target {tuple(target.shape)}, got {tuple(source.shape)}"
+        )
     if target.dtype not in _RAY_DTYPES or source.dtype != target.dtype:
         raise TypeError(f"source and target must both be float32 or float64, got {source.dtype} and {target.dtype}")
     if labels is not None and labels.shape != density.shape:

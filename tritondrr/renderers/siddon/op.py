@@ -110,7 +110,16 @@ def _backward(ctx, grad_out):
     if not (need_volume or need_pose):
         return None, None, None, None, None, None, None
     grad_vol, grad_src, grad_tgt = _siddon_backward_op(
-        grad_out.to(target.dtype).contiguous(), density, source, target, labels, n_channels, lo, hi, need_pose, need_volume
+        grad_out.to(target.dtype).contiguous(),
+        density,
+        source,
+        target,
+        labels,
+        n_channels,
+        lo,
+        hi,
+        need_pose,
+        need_volume,
     )
     return (
         grad_vol if need_volume else None,
@@ -177,14 +186,19 @@ def integrate(
     if density.dtype not in _VOLUME_DTYPES:
         raise TypeError(f"density must be float32, float16, bfloat16 or float64, got {density.dtype}")
     if not (density.is_cuda or (_interpreting() and density.device.type == "cpu")):
-        raise ValueError(f"density must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), got {density.device}")
+        raise ValueError(
+            f"density must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), got {density.device}"
+        )
     if target.dim() != 3 or target.shape[-1] != 3:
         raise ValueError(f"target must be (B, N, 3), got shape {tuple(target.shape)}")
-    if source.dim() != 3 or source.shape[-1] != 3 or source.shape[0] != target.shape[0] or source.shape[1] not in (
-        1,
-        target.shape[1],
-    ):
-        raise ValueError(f"source must be (B, 1, 3) or (B, N, 3) for target {tuple(target.shape)}, got {tuple(source.shape)}")
+    if source.dim() != 3 or source.shape[-1] != 3 or source.shape[0] != target.shape[0]:
+        raise ValueError(
+            f"source must be (B, 1, 3) or (B, N, 3) for target {tuple(target.shape)}, got {tuple(source.shape)}"
+        )
+    if source.shape[1] not in (1, target.shape[1]):
+        raise ValueError(
+            f"source must be (B, 1, 3) or (B, N, 3) for target {tuple(target.shape)}, got {tuple(source.shape)}"
+        )
     if target.dtype not in _RAY_DTYPES or source.dtype != target.dtype:
         raise TypeError(f"source and target must both be float32 or float64, got {source.dtype} and {target.dtype}")
     for name, x in (("source", source), ("target", target)):
