@@ -120,6 +120,7 @@ def _setup(s: torch.Tensor, e: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
             "count": count[:, a].contiguous(),
             "m_first": m_lo[:, a].to(strides.dtype),
             "neg": (~pos[:, a]).to(strides.dtype),
+            "negf": (~pos[:, a]).to(d.dtype),
         }
         for a in range(3)
     ]
@@ -153,8 +154,8 @@ def _index_at(ax: dict, tau: torch.Tensor, after: bool, n: int, itype) -> torch.
     """
     h = torch.addcmul(ax["q"], tau, ax["d"]).floor_()
     tau_h = (h - ax["qh"]).mul_(ax["inv"])
-    crossed = tau_h.le_(tau) if after else tau_h.lt_(tau)
-    h += crossed.eq_(ax["pos"])
+    crossed = tau_h.le_(tau) if after else tau_h.lt_(tau)  # 1.0 / 0.0 (in place: float compares are cheap)
+    h += crossed.sub_(ax["negf"]).abs_()  # the high side: crossed going up, not yet crossed going down
     return h.clamp_(0.0, n - 1.0).to(itype)
 
 
