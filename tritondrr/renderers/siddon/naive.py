@@ -49,7 +49,9 @@ after it and ``+w tau_b`` to the voxel at ``tb-``.
 
 Labels: each voxel's value goes to the channel ``labels[i, j, k]``; the jump terms split into
 ``+tau_c f(c-)`` for the channel before and ``-tau_c f(c+)`` for the channel after. Channels sum
-to the ``C = 1`` image. For the nearest-neighbour field soft labels equal hard labels.
+to the ``C = 1`` image. For the nearest-neighbour field soft labels equal hard labels. A point
+takes the label of the voxel whose value it takes (round half up), which differs from the
+contract's round half to even only for rays lying in a face plane.
 
 Memory: rays are processed in chunks of ``CHUNK_RAYS`` and the planes of each axis in slabs of
 ``CHUNK_ELEMENTS // CHUNK_RAYS`` columns, so the working set stays a few (R, S) tensors.
