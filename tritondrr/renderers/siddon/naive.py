@@ -68,8 +68,8 @@ PARALLEL = 1e-30
 #: Stand-in for 1/d_a of parallel axes and for infinite slab parameters (finite in fp32).
 _BIG = 1e30
 #: Rays per chunk and elements per (rays, planes) block of the naive path.
-CHUNK_RAYS = 2048
-CHUNK_ELEMENTS = 1 << 17
+CHUNK_RAYS = 8192
+CHUNK_ELEMENTS = 1 << 19
 
 _RAY_DTYPES = (torch.float32, torch.float64)
 _VOLUME_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
