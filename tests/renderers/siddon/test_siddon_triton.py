@@ -174,6 +174,20 @@ def test_box_only_skips_work():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
 
 
+def test_int64_offsets_give_the_same_result(monkeypatch):
+    gen = torch.Generator().manual_seed(27)
+    vol = torch.rand(SHAPE, generator=gen, dtype=torch.float64) + 0.5
+    labels = torch.randint(0, 3, SHAPE, generator=gen)
+    src, tgt = _rays(gen, 2, 20, torch.float64, False)
+    w = torch.rand(2, 3, tgt.shape[1], generator=gen, dtype=torch.float64)
+    kw = {"labels": labels, "n_channels": 3}
+    int32 = _run(op, vol, src, tgt, w, **kw)
+    monkeypatch.setattr(kernels, "needs_int64", lambda *args: True)
+    int64 = _run(op, vol, src, tgt, w, **kw)
+    for a, b in zip(int32, int64):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_int64_switch():
     assert not kernels.needs_int64((256, 256, 133), 3 * 40000)
     assert kernels.needs_int64((2048, 1024, 1024), 3)
