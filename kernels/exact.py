@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["TINY", "exact_forward", "exact_backward", "needs_int64"]
+__all__ = ["TINY", "exact_backward", "exact_forward", "needs_int64"]
 
 #: Must equal ``tritondrr.renderers.exact.naive.TINY``.
 TINY = 1e-12
@@ -313,7 +313,7 @@ def _exact_fwd_kernel(
         spacing = 1.0
     (
         sx, sy, sz, dx, dy, dz, dmx, dmy, dmz, movx, movy, movz,
-        tmin_x, tmin_y, tmin_z, tmax_x, tmax_y, tmax_z, t0m, t1m,
+        _tmin_x, _tmin_y, _tmin_z, _tmax_x, _tmax_y, _tmax_z, _t0m, _t1m,
         t0, t1, hit, nx, ny, nz, gx, gy, gz, n_cross,
     ) = _ray_setup(
         src_ptr, tgt_ptr, pid_b, rays, mask_r, n_rays, src_stride_b, src_stride_r,
@@ -327,11 +327,11 @@ def _exact_fwd_kernel(
     acc = tl.zeros([BLOCK_R], dtype=CDT)
     acc_c = tl.zeros([BLOCK_R, CH_BLOCK], dtype=CDT)
     tp = t0
-    for step in range(0, n_steps):
-        tn, ax, ay, az, tx, ty, tz, nx, ny, nz = _advance(
+    for step in range(n_steps):
+        tn, _ax, _ay, _az, tx, ty, tz, nx, ny, nz = _advance(
             tp, t1, tx, ty, tz, nx, ny, nz, gx, gy, gz, sx, sy, sz, dmx, dmy, dmz, movx, movy, movz, spacing
         )
-        off, mi0, mi1, m00, m01, m10, m11, h, mid, x1, x2, clx, cly, clz, fx1, fy1, fz1, fx2, fy2, fz2 = _piece(
+        off, mi0, mi1, m00, m01, m10, m11, h, mid, _x1, _x2, _clx, _cly, _clz, fx1, fy1, fz1, fx2, fy2, fz2 = _piece(
             tp, tn, hit & (tn > tp), sx, sy, sz, dx, dy, dz, size_i, size_j, size_k, stride_i, stride_j, INT64
         )
         v000, v001, v010, v011, v100, v101, v110, v111 = _load8(
@@ -483,13 +483,26 @@ def _exact_bwd_kernel(
     # Derivatives of the current piece's start tp (t0's at first; hard labels: a half-plane's).
     psx, psy, psz, pex, pey, pez = d0sx, d0sy, d0sz, d0ex, d0ey, d0ez
     tp = t0
-    for step in range(0, n_steps):
+    for step in range(n_steps):
         tn, ax, ay, az, tx, ty, tz, nx, ny, nz = _advance(
             tp, t1, tx, ty, tz, nx, ny, nz, gx, gy, gz, sx, sy, sz, dmx, dmy, dmz, movx, movy, movz, spacing
         )
         off, mi0, mi1, m00, m01, m10, m11, h, mid, x1, x2, clx, cly, clz, fx1, fy1, fz1, fx2, fy2, fz2 = _piece(
-            tp, tn, hit & ((tn > tp) | (step == 0)), sx, sy, sz, dx, dy, dz,
-            size_i, size_j, size_k, stride_i, stride_j, INT64,
+            tp,
+            tn,
+            hit & ((tn > tp) | (step == 0)),
+            sx,
+            sy,
+            sz,
+            dx,
+            dy,
+            dz,
+            size_i,
+            size_j,
+            size_k,
+            stride_i,
+            stride_j,
+            INT64,
         )
         v000, v001, v010, v011, v100, v101, v110, v111 = _load8(
             vol_ptr, off, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT
@@ -541,8 +554,8 @@ def _exact_bwd_kernel(
                 p101 = v101 * c101
                 p110 = v110 * c110
                 p111 = v111 * c111
-            f1, g1x, g1y, g1z = _trilinear_grad(p000, p001, p010, p011, p100, p101, p110, p111, fx1, fy1, fz1)
-            f2, g2x, g2y, g2z = _trilinear_grad(p000, p001, p010, p011, p100, p101, p110, p111, fx2, fy2, fz2)
+            _f1, g1x, g1y, g1z = _trilinear_grad(p000, p001, p010, p011, p100, p101, p110, p111, fx1, fy1, fz1)
+            _f2, g2x, g2y, g2z = _trilinear_grad(p000, p001, p010, p011, p100, p101, p110, p111, fx2, fy2, fz2)
             gax += hh * (g1x + g2x)
             gay += hh * (g1y + g2y)
             gaz += hh * (g1z + g2z)

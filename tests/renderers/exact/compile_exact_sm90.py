@@ -18,11 +18,11 @@ import traceback
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("compile_exact_sm90.py must run without TRITON_INTERPRET=1")
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from tritondrr.kernels.exact import _exact_bwd_kernel, _exact_fwd_kernel  # noqa: E402
+from tritondrr.kernels.exact import _exact_bwd_kernel, _exact_fwd_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "fp64": "*fp64", "i64": "*i64"}
@@ -57,13 +57,13 @@ def _forward(vol, rays, int64, mode, channels, ones=(), block_r=128):
     }
     scal, const = _scalars("i64" if int64 else "i32", ones)
     sig.update(scal)
-    flags = dict(
-        LABEL_MODE=mode,
-        N_CHANNELS=channels,
-        CH_BLOCK=triton.next_power_of_2(channels),
-        INT64=int64,
-        BLOCK_R=block_r,
-    )
+    flags = {
+        "LABEL_MODE": mode,
+        "N_CHANNELS": channels,
+        "CH_BLOCK": triton.next_power_of_2(channels),
+        "INT64": int64,
+        "BLOCK_R": block_r,
+    }
     const.update(flags)
     sig.update({k: "constexpr" for k in flags})
     return _exact_fwd_kernel, sig, const
@@ -83,15 +83,15 @@ def _backward(vol, rays, int64, mode, channels, pose, volume, ones=(), block_r=6
     }
     scal, const = _scalars("i64" if int64 else "i32", ones)
     sig.update(scal)
-    flags = dict(
-        LABEL_MODE=mode,
-        N_CHANNELS=channels,
-        CH_BLOCK=triton.next_power_of_2(channels),
-        NEED_POSE_GRAD=pose,
-        NEED_VOLUME_GRAD=volume,
-        INT64=int64,
-        BLOCK_R=block_r,
-    )
+    flags = {
+        "LABEL_MODE": mode,
+        "N_CHANNELS": channels,
+        "CH_BLOCK": triton.next_power_of_2(channels),
+        "NEED_POSE_GRAD": pose,
+        "NEED_VOLUME_GRAD": volume,
+        "INT64": int64,
+        "BLOCK_R": block_r,
+    }
     const.update(flags)
     sig.update({k: "constexpr" for k in flags})
     return _exact_bwd_kernel, sig, const
@@ -137,7 +137,7 @@ def main(argv: list[str]) -> int:
             if "cubin" not in compiled.asm:
                 raise RuntimeError("no cubin produced")
             print(f"ok {name} {time.perf_counter() - start:.2f}s", flush=True)
-        except Exception as exc:  # report every failure, not just the first
+        except Exception as exc:  # noqa: BLE001 -- report every failure, not just the first
             failed += 1
             detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
             print(f"FAIL {name}: {detail[:2000]}", flush=True)

@@ -28,13 +28,15 @@ def _env():
 def test_every_exact_specialisation_compiles_for_sm90():
     pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
     listing = subprocess.run(
-        [sys.executable, str(SCRIPT), "--list"], env=_env(), capture_output=True, text=True, timeout=120
+        [sys.executable, str(SCRIPT), "--list"], check=False, env=_env(), capture_output=True, text=True, timeout=120
     )
     assert listing.returncode == 0, listing.stderr
     names = listing.stdout.split()
     for prefix in ("fwd-plain", "fwd-hard", "fwd-soft", "bwd-plain", "bwd-hard", "bwd-soft"):
         assert any(n.startswith(prefix) for n in names), prefix
-    result = subprocess.run([sys.executable, str(SCRIPT)], env=_env(), capture_output=True, text=True, timeout=1500)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT)], check=False, env=_env(), capture_output=True, text=True, timeout=1500
+    )
     report = result.stdout + result.stderr[-4000:]
     compiled = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("ok ")]
     assert result.returncode == 0, report

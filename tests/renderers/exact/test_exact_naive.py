@@ -17,7 +17,7 @@ import torch
 from tritondrr.renderers.exact import naive
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from oracles import exact_line_integrals, trilinear  # noqa: E402
+from oracles import exact_line_integrals, trilinear
 
 SHAPE = (7, 5, 6)
 
@@ -150,7 +150,7 @@ def test_pose_gradient_matches_finite_differences(mode):
     src, tgt = _rays(12, seed=8, margin=1.0)
     kw = {}
     if mode != "plain":
-        kw = dict(labels=torch.randint(0, 3, SHAPE, generator=torch.Generator().manual_seed(9)), n_channels=3)
+        kw = {"labels": torch.randint(0, 3, SHAPE, generator=torch.Generator().manual_seed(9)), "n_channels": 3}
         kw["soft_labels"] = mode == "soft"
     weight = torch.linspace(-1.0, 2.0, 3 * 12 if mode != "plain" else 12, dtype=torch.float64)
 
@@ -191,9 +191,11 @@ def test_volume_gradient_is_the_adjoint(mode):
     src, tgt = _rays(20, seed=14)
     kw = {}
     if mode != "plain":
-        kw = dict(labels=torch.randint(0, 4, SHAPE, generator=torch.Generator().manual_seed(15)), n_channels=4)
+        kw = {"labels": torch.randint(0, 4, SHAPE, generator=torch.Generator().manual_seed(15)), "n_channels": 4}
         kw["soft_labels"] = mode == "soft"
-    y = torch.randn(naive.integrate(x, src, tgt, **kw).shape, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    y = torch.randn(
+        naive.integrate(x, src, tgt, **kw).shape, generator=torch.Generator().manual_seed(16), dtype=torch.float64
+    )
     probe = torch.zeros_like(x, requires_grad=True)
     (adjoint,) = torch.autograd.grad((naive.integrate(probe, src, tgt, **kw) * y).sum(), probe)
     lhs = (naive.integrate(x, src, tgt, **kw) * y).sum()
@@ -270,7 +272,7 @@ def test_uses_no_sort_or_nonzero(monkeypatch):
     density = _volume().requires_grad_()
     src, tgt = _rays(8)
     labels = torch.randint(0, 2, SHAPE)
-    for kw in ({}, dict(labels=labels, n_channels=2), dict(labels=labels, n_channels=2, soft_labels=True)):
+    for kw in ({}, {"labels": labels, "n_channels": 2}, {"labels": labels, "n_channels": 2, "soft_labels": True}):
         naive.integrate(density, src, tgt, **kw).sum().backward()
 
 

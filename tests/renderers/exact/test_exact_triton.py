@@ -18,8 +18,8 @@ from tritondrr.renderers.exact import naive, op
 SHAPE = (7, 5, 6)
 MODES = {
     "plain": {},
-    "hard": dict(n_channels=3),
-    "soft": dict(n_channels=3, soft_labels=True),
+    "hard": {"n_channels": 3},
+    "soft": {"n_channels": 3, "soft_labels": True},
 }
 
 
@@ -83,7 +83,7 @@ def _unkinked(weight, n_random, mode):
 def _tol(dtype, scale):
     # float64: measured <= 5e-16 of the max; float32 (kernel vs reference, different summation
     # order and grid_sample's normalised coordinates): measured <= 2e-6 of the max.
-    return dict(rtol=0, atol=(1e-12 if dtype == torch.float64 else 2e-5) * max(float(scale), 1e-30))
+    return {"rtol": 0, "atol": (1e-12 if dtype == torch.float64 else 2e-5) * max(float(scale), 1e-30)}
 
 
 def _grads(fn, density, src, tgt, kw, weight):

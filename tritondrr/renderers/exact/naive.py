@@ -345,7 +345,9 @@ def integrate(
         raise ValueError(f"target must be (B, N, 3), got shape {tuple(target.shape)}")
     batch, n_rays, _ = target.shape
     if source.dim() != 3 or source.shape[0] != batch or source.shape[1] not in (1, n_rays) or source.shape[2] != 3:
-        raise ValueError(f"source must be (B, 1, 3) or (B, N, 3) with B = {batch}, N = {n_rays}, got {tuple(source.shape)}")
+        raise ValueError(
+            f"source must be (B, 1, 3) or (B, N, 3) with B = {batch}, N = {n_rays}, got {tuple(source.shape)}"
+        )
     if source.dtype != target.dtype or target.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"source and target must both be float32 or float64, got {source.dtype} and {target.dtype}")
     if labels is not None:

@@ -175,12 +175,16 @@ def integrate(
     if density.dtype not in _VOLUME_DTYPES:
         raise TypeError(f"density must be float32, float16, bfloat16 or float64, got {density.dtype}")
     if not (density.is_cuda or (_interpreting() and density.device.type == "cpu")):
-        raise ValueError(f"density must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), got {density.device}")
+        raise ValueError(
+            f"density must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), got {density.device}"
+        )
     if target.dim() != 3 or target.shape[-1] != 3:
         raise ValueError(f"target must be (B, N, 3), got shape {tuple(target.shape)}")
     batch, n_rays, _ = target.shape
     if source.dim() != 3 or source.shape[0] != batch or source.shape[1] not in (1, n_rays) or source.shape[2] != 3:
-        raise ValueError(f"source must be (B, 1, 3) or (B, N, 3) with B = {batch}, N = {n_rays}, got {tuple(source.shape)}")
+        raise ValueError(
+            f"source must be (B, 1, 3) or (B, N, 3) with B = {batch}, N = {n_rays}, got {tuple(source.shape)}"
+        )
     if source.dtype != target.dtype or target.dtype not in _RAY_DTYPES:
         raise TypeError(f"source and target must both be float32 or float64, got {source.dtype} and {target.dtype}")
     for name, x in (("source", source), ("target", target)):
@@ -201,4 +205,6 @@ def integrate(
     if box is not None:
         lo = [max(a, float(b)) for a, b in zip(lo, box[0])]
         hi = [min(a, float(b)) for a, b in zip(hi, box[1])]
-    return _exact_op(density.contiguous(), labels, source.contiguous(), target.contiguous(), lo, hi, channels, label_mode)
+    return _exact_op(
+        density.contiguous(), labels, source.contiguous(), target.contiguous(), lo, hi, channels, label_mode
+    )
