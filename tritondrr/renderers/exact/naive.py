@@ -106,11 +106,12 @@ class _Axes:
         # A bound on the rounding error of q_b(t) in plane units: estimated counts never exceed the true ones.
         eps = torch.finfo(d.dtype).eps
         self.margin = (64 * eps * (self.qs.abs() + qd.abs() + 1.0)).clamp(max=0.25).detach()
+        self.t_first = (self.n0 - self.qs) / self.qd  # [R, 3] crossing of the first plane
+        self.t_step = self.sigma / self.qd  # [R, 3] between consecutive planes
 
     def time(self, axis, index):
         """Crossing times of ``axis`` at plane ``index`` (R, M) (float integers)."""
-        n = self.n0[:, axis, None] + self.sigma[:, axis, None] * index
-        return (n - self.qs[:, axis, None]) / self.qd[:, axis, None]
+        return torch.addcmul(self.t_first[:, axis, None], index, self.t_step[:, axis, None])
 
     def count_before(self, axis, t, inclusive):
         """Number of crossings of ``axis`` before ``t`` (R, M): ``t_b < t``, or ``<=`` if ``inclusive``."""
@@ -190,21 +191,21 @@ def _chunk(volume, lab, shape, source, target, lo, hi, mode, n_channels):
     t = _breakpoints(source, d, t0, t1, inv_h)  # [R, M + 1]
     a, b = t[:, :-1], t[:, 1:]  # [R, M]
     h = b - a
-    mid = 0.5 * (a + b)
-    nodes = torch.stack([mid - _GAUSS * h, mid + _GAUSS * h], dim=-1)  # [R, M, 2]
+    nodes = torch.stack([torch.lerp(a, b, 0.5 - _GAUSS), torch.lerp(a, b, 0.5 + _GAUSS)], dim=-1)  # [R, M, 2]
     if mode != "soft":
         # The interpolant at the nodes with grid_sample: (x, y, z) = (k, j, i) normalised so that
         # -1 and 1 are the outer faces of the grid; zero padding makes it the zero-extended tent.
         scale = 2.0 / torch.tensor(shape[::-1], device=target.device, dtype=target.dtype)  # [3]
         first = source.flip(-1) * scale + (scale / 2 - 1)  # [R or 1, 3]
         step = d.flip(-1) * scale  # [R, 3]
-        grid = first[:, None, :] + nodes.reshape(n_rays, -1, 1) * step[:, None, :]  # [R, 2M, 3]
+        grid = torch.baddbmm(first[:, None, :], nodes.reshape(n_rays, -1, 1), step[:, None, :])  # [R, 2M, 3]
         values = F.grid_sample(
             volume[None, None], grid[None, :, :, None, :], mode="bilinear", padding_mode="zeros", align_corners=False
         )[0, 0, :, :, 0]  # [R, 2M]
-        piece = values.view(n_rays, -1, 2).sum(dim=-1) * (0.5 * h)  # [R, M]
         if mode == "plain":
-            return piece.sum(dim=1, keepdim=True)
+            return torch.einsum("rmn,rm->r", values.view(n_rays, -1, 2), h)[:, None] * 0.5
+        piece = values.view(n_rays, -1, 2).sum(dim=-1) * (0.5 * h)  # [R, M]
+        mid = 0.5 * (a + b)
         # Hard labels: the piece lies in one voxel, its midpoint's nearest (round half to even).
         size = torch.tensor(shape, device=target.device, dtype=target.dtype)
         p_mid = (source[:, None, :] + mid[..., None] * d[:, None, :]).detach()  # [R, M, 3]
@@ -213,6 +214,7 @@ def _chunk(volume, lab, shape, source, target, lo, hi, mode, n_channels):
         out = torch.zeros(n_rays, n_channels, device=target.device, dtype=target.dtype)
         return out.scatter_add(1, label, piece)
     # Soft labels: the 8 corners of each piece's cell, each with its Gauss-integrated weight.
+    mid = 0.5 * (a + b)
     size = torch.tensor(shape, device=target.device, dtype=target.dtype)
     src, dd = source[:, None, None, :], d[:, None, None, :]
     points = src + nodes[..., None] * dd  # [R, M, 2, 3]
