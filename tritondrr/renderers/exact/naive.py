@@ -12,32 +12,42 @@ of the zero-extended grid ``f``, a ray ``p(t) = s + t d`` with ``d = e - s`` and
    they cut ``[t0, t1]`` into pieces; on each piece the ray stays in one cell
    ``[c, c + 1]^3`` (and, for hard labels, in one voxel), so ``f`` is a product of three affine
    functions of ``t``: a cubic.
-3. Simpson's rule on each piece is exact for a cubic: ``g = sum (b - a) / 6 (f(a) + 4 f(m) + f(b))``,
-   with the 8 corners of the piece's cell (the cell of its midpoint) gathered once per piece.
+3. The two-point Gauss-Legendre rule on each piece ``[a, b]`` is exact for a cubic:
+   ``g = sum (b - a) / 2 (f(x_1) + f(x_2))``, ``x_1,2 = (a + b) / 2 -+ (b - a) / (2 sqrt 3)``.
+   (Simpson's rule is exact too; Gauss needs two evaluations per piece instead of three, and its
+   nodes lie inside the piece, away from the cell faces where the gradient of ``f`` jumps.) The
+   plain and hard modes evaluate ``f`` with ``grid_sample`` (the tent interpolant of the
+   zero-extended grid, in one fused op); soft labels gather the 8 corners of each piece's cell.
 
-Merging without a sort: the ``m``-th crossing ``t_A`` of axis ``a`` has rank
-``1 + m + sum_{b != a} #{crossings of b before t_A}`` in ``[t0, crossings..., t1]``. Each count is a
-floor expression in ``q_b(t_A) = (s_b + t_A d_b) / h``, taken with a rounding margin so that it is
-never too large, then corrected by one comparison with the actual crossing time of ``b`` computed
-by the same expression as that crossing itself. The ranks are therefore those of one strict
-total order of the computed times (ties broken by axis order), a permutation: every crossing lands
-in its own slot, with no sort and no ``nonzero`` (MPS-safe ops only). The margin is valid while
-``64 eps (|s| + |d|) / h < 1/4`` in index units (float32: coordinates below about 3e4 voxels).
+Merging without a sort: only the crossings of the two minor axes (fewer crossings) are ranked.
+The ``m``-th crossing ``t_A`` of axis ``a`` has rank ``1 + m + sum_{b != a} #{crossings of b
+before t_A}`` in ``[t0, crossings..., t1]``. Each count is a floor expression in
+``q_b(t_A) = (s_b + t_A d_b) / h``, taken with a rounding margin so that it is never too large,
+then corrected by one comparison with the crossing time of ``b`` computed by the very expression
+that produces that crossing. The ranks are therefore those of one strict total order of the
+computed times (ties broken by axis order): every minor crossing lands in its own slot, and the
+major axis's crossings fill the free slots in order (slot ``j`` holds major crossing
+``j - 1 - #minor crossings before j``, an exclusive cumulative sum). No sort, no ``nonzero``
+(MPS-safe ops). The margin is valid while ``64 eps (|s| + |d|) / h < 1/4`` in index units
+(float32: coordinates below about 3e4 voxels).
 
 Labels (``n_channels`` channels, ``labels`` already mapped to ``[0, n_channels)``):
 - hard: each piece (cut at half-integer planes too) goes to the channel of its midpoint's nearest
   voxel (``torch.round``: half to even), channel 0 outside the grid;
-- soft: each corner's Simpson-integrated trilinear weight goes to its own label's channel.
+- soft: each corner's Gauss-integrated trilinear weight goes to its own label's channel.
 
-Gradients: ``g`` is computed by differentiable ops of the crossing times and the piece
-fractions (the cells are integer constants), so autograd through one chunk is exact: the
-derivative of Simpson on a piece with respect to an end point is the piece's cubic at that end,
-the interior end terms cancel by continuity, the clipped ends remain, and the integrand's
-gradient is piecewise quadratic times an affine function of ``t`` (exact under Simpson too). The
-volume gradient is the adjoint of the gather (a scatter-add of the same weights).
+Gradients. Without labels the backward differentiates a surrogate (``_plain_surrogate``): the
+derivative of ``g`` is ``int (1 - t) grad f dt`` (source) or ``int t grad f dt`` (target), a
+cubic per piece that the same Gauss nodes integrate exactly, plus ``f(p(t1)) dt1 - f(p(t0)) dt0``
+at the clipped ends; the moves of interior breaks cancel because ``f`` is continuous. With labels
+(hard channels jump at half-integer planes, whose moves then count) autograd runs through the
+chunk: every piece integral is a differentiable function of its end points and node positions
+(the cells and labels are integer constants), and the derivative of an exact rule with respect to
+an end point is the piece's own cubic there, so autograd is exact too. The volume gradient is the
+adjoint of the sampling (``grid_sample``'s, or a scatter-add of the gathered corners' weights).
 
 Memory: rays are processed in chunks with at most about ``chunk_elements`` pieces-times-corners
-alive; the backward recomputes each chunk under autograd (a smaller chunk).
+alive; the backward recomputes each chunk (a half or a quarter of the chunk).
 """
 
 from __future__ import annotations
