@@ -196,7 +196,8 @@ def _sample(volume, shape, source, d, t):
     scale = 2.0 / torch.tensor(shape[::-1], device=d.device, dtype=d.dtype)  # [3]
     first = source.flip(-1) * scale + (scale / 2 - 1)  # [R or 1, 3]
     step = d.flip(-1) * scale  # [R, 3]
-    grid = torch.stack([torch.addcmul(first[:, a, None], t, step[:, a, None]) for a in range(3)], dim=-1)
+    # Built as (R, 3, S), whose inner dimension vectorises, and read through a transposed view.
+    grid = torch.addcmul(first[:, :, None], step[:, :, None], t[:, None, :]).transpose(1, 2)  # [R, S, 3]
     return F.grid_sample(
         volume[None, None], grid[None, :, :, None, :], mode="bilinear", padding_mode="zeros", align_corners=False
     )[0, 0, :, :, 0]
