@@ -107,9 +107,11 @@ class _Axes:
         self.pos = (d > 0) & moving
         q0 = (qs + t0[:, None] * qd).detach()
         q1 = (qs + t1[:, None] * qd).detach()
-        self.n0 = torch.where(self.pos, torch.floor(q0) + 1.0, torch.ceil(q0) - 1.0)  # [R, 3]
         self.sigma = torch.where(self.pos, 1.0, -1.0).to(d.dtype)
-        count = torch.where(self.pos, torch.ceil(q1) - self.n0, self.n0 - torch.floor(q1))
+        # First plane beyond q0 in the direction of travel: floor(q0) + 1 or ceil(q0) - 1.
+        self.n0 = self.sigma * (torch.floor(self.sigma * q0) + 1.0)  # [R, 3]
+        # Planes strictly before q1: ceil(q1) - n0 or n0 - floor(q1).
+        count = torch.ceil(self.sigma * (q1 - self.n0))
         self.count = torch.where(moving, count, torch.zeros_like(count)).clamp(min=0.0)  # [R, 3] float
         self.qs = qs.expand_as(qd)
         self.qd = torch.where(moving, qd, torch.ones_like(qd))
@@ -128,7 +130,7 @@ class _Axes:
         q = (self.qs[:, axis, None] + t * self.qd[:, axis, None]).detach()
         margin = self.margin[:, axis, None]
         n0 = self.n0[:, axis, None]
-        est = torch.where(self.pos[:, axis, None], torch.ceil(q - margin) - n0, n0 - torch.floor(q + margin))
+        est = torch.ceil(self.sigma[:, axis, None] * (q - n0) - margin)  # ceil(q - m) - n0 or n0 - floor(q + m)
         count = self.count[:, axis, None]
         est = torch.minimum(est.clamp(min=0.0), count)  # never above the true count
         tb = self.time(axis, est).detach()
