@@ -47,14 +47,13 @@ bench: bench-peers bench-run
 
 # The test command (README, .ci/run): the project with its test extra (torch pinned to the CPU
 # build), then the peers for the DiffDRR/nanodrr parity tests without their dependency trees
-# (optional: where no registry answers they are skipped, and so are those tests), then the suite
-# with the SimpleITK placeholder of shared/peers on the path (torchio imports it).
+# (optional: where no registry answers they are skipped, and so are those tests), then the suite.
 test:
 	$(PYTHON) -m pip install torch==2.13.0 -e ".[test]"
-	-$(PYTHON) -m pip install -q --no-deps diffdrr==0.6.1 nanodrr==0.1.7 torchio roma platformdirs fastcore \
-		humanize deprecated wrapt kornia kornia_rs imageio
+	-$(PYTHON) -m pip install -q --no-deps diffdrr==0.6.1 nanodrr==0.1.7 torchio SimpleITK roma platformdirs \
+		fastcore humanize deprecated wrapt kornia kornia_rs imageio
 	-$(PYTHON) -m pip install -q nibabel jaxtyping einops pandas rich typer tqdm scipy -c <(echo torch==2.13.0)
-	$(PEERS_PATH) $(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q
 
 bench-peers:
 	@test -d "$(SHARED)/peers" || { echo "shared/peers not found (SHARED=$(SHARED)); set SHARED=path/to/shared"; exit 2; }
