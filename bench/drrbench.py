@@ -163,7 +163,12 @@ def git_state() -> dict:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
-    describe, commit = git("describe", "--always", "--dirty"), git("rev-parse", "HEAD")
+    describe, commit = git("describe", "--always"), git("rev-parse", "HEAD")
+    if describe is not None:
+        # Dirty means a tracked source file differs from the commit; the run's own outputs under
+        # bench/results (which pytest-benchmark truncates when it starts) do not count.
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+        describe = describe + "-dirty" if changed else describe
     source = "git"
     if describe is None and os.environ.get("BENCH_GIT_REVISION"):
         with contextlib.suppress(OSError):
@@ -422,6 +427,7 @@ class TritonDRR(Impl):
 
         self.name = name
         renderer = TRITONDRR_RENDERERS[name]
+        self.field = "nearest" if renderer == "siddon" else "trilinear"
         self.drr = td.DRR(
             scene.tritondrr_subject, sdd=SDD, height=height, delx=DELX, width=width, renderer=renderer
         ).to(device)

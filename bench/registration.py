@@ -11,7 +11,9 @@ rotation error is below 1 degree and the translation error below 1 mm (camera-fr
 translations, ``tritondrr.registration.optimize.pose_errors``). Each method uses its defaults
 (NCC); the time to converge is the wall time of the whole ``register`` call (coarse levels
 included). Rows for DiffDRR's and nanodrr's ``Registration`` (Adam on NCC, as in their
-tutorials) run when those packages are importable and are skipped otherwise.
+tutorials) run when those packages are importable and are skipped otherwise; DiffDRR's uses its
+trilinear renderer (its tutorial's) and a placeholder for ``timm``, which only its pose
+regressor needs.
 """
 
 from __future__ import annotations
@@ -215,12 +217,81 @@ def _run_nanodrr(args, drr, starts, euler):
     return rows
 
 
+def _import_diffdrr_registration():
+    """DiffDRR 0.6.1's ``Registration``. Its module also defines ``PoseRegressor``, whose import of
+    ``timm`` (and through it torchvision) is all that fails on a CPU-only torch; ``Registration``
+    never touches it, so an empty placeholder stands in for ``timm`` when it is not installed."""
+    import importlib.util
+    import types
+
+    if "timm" not in sys.modules and importlib.util.find_spec("timm") is None:
+        sys.modules.setdefault("timm", types.ModuleType("timm"))
+    from diffdrr.registration import Registration
+
+    return Registration
+
+
+def _run_diffdrr(args, drr, starts, euler):
+    """DiffDRR's ``Registration`` with its trilinear renderer (DiffDRR's tutorial setting) on the same
+    task: DiffDRR's subject read from the same phantom (HU, DiffDRR's density rule), its X-ray rendered
+    by DiffDRR at the target pose, the same starts; Adam with tritondrr's schedule and learning rates.
+    The NCC is tritondrr's (DiffDRR's metrics module needs torchvision; the two are the same
+    formula, tests/registration/test_metrics.py)."""
+    import torch
+    import torchio
+    from diffdrr.data import read
+    from diffdrr.drr import DRR
+
+    import tritondrr as td
+    from tritondrr.metrics import NormalizedCrossCorrelation2d
+    from tritondrr.registration.optimize import pose_errors
+
+    Registration = _import_diffdrr_registration()
+    phantom = td.load_example_ct(shape=tuple(args.shape))
+    hu = phantom.volume.detach().as_subclass(torch.Tensor).float().clone()
+    image = torchio.ScalarImage(tensor=hu[None], affine=phantom.affine.double().cpu().numpy())
+    det = drr.detector
+    ddrr = DRR(read(image), sdd=det.sdd, height=det.height, delx=det.delx, renderer="trilinear").to(args.device)
+    true_rot = torch.zeros(1, 3, device=args.device)
+    true_trans = torch.tensor([[0.0, 850.0, 0.0]], device=args.device)
+    with torch.no_grad():
+        xray = ddrr(true_rot, true_trans, **euler)
+    true_pose = td.convert(true_rot, true_trans, **euler)
+    ncc = NormalizedCrossCorrelation2d()
+    rows = []
+    for rot, trans in starts:
+        reg = Registration(ddrr, rot.clone(), trans.clone(), **euler)
+        t0 = time.perf_counter()
+        loss = lambda reg=reg: 1 - ncc(reg(), xray).mean()  # noqa: E731
+        iterations, converged = _adam_loop([reg._rotation, reg._translation], loss, lr=(1e-2, 1.0))
+        wall = time.perf_counter() - t0
+        with torch.no_grad():
+            r0, t0_err = pose_errors(td.convert(rot, trans, **euler), true_pose)
+            r_err, t_err = pose_errors(td.convert(reg.rotation.detach(), reg.translation.detach(), **euler), true_pose)
+        rows.append(
+            {
+                "start_rotation_error_deg": float(r0[0]),
+                "start_translation_error_mm": float(t0_err[0]),
+                "rotation_error_deg": float(r_err[0]),
+                "translation_error_mm": float(t_err[0]),
+                "success": bool(r_err[0] < 1.0 and t_err[0] < 1.0),
+                "converged": converged,
+                "iterations": iterations,
+                "renders": iterations,
+                "time_s": wall,
+            }
+        )
+        print(f"  diffdrr: {rows[-1]}", file=sys.stderr)
+    return rows
+
+
 def _run_peer(name, args, drr, starts, euler):
     """A peer's row, or why it is skipped."""
     try:
         if name == "diffdrr":
             from diffdrr.drr import DRR  # noqa: F401
-            from diffdrr.registration import Registration  # noqa: F401
+
+            _import_diffdrr_registration()
         else:
             import nanodrr.registration  # noqa: F401
             import torchio  # noqa: F401
@@ -228,7 +299,7 @@ def _run_peer(name, args, drr, starts, euler):
         return {"skipped": f"{name} not importable: {e}"}
     if name == "nanodrr":
         return _summary(_run_nanodrr(args, drr, starts, euler))
-    return {"skipped": f"{name} is importable but its row is not implemented in this script yet"}
+    return _summary(_run_diffdrr(args, drr, starts, euler))
 
 
 def _summary(rows):

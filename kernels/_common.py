@@ -6,6 +6,7 @@ coordinates; corners outside the grid are masked (read 0), so no volume is ever 
 Shapes in comments: ``R`` rays of a block, ``S`` samples (or any second block dimension).
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -490,3 +491,23 @@ def _scatter_corners(grad_vol_ptr, cell, a, mask, grid, fixed, DETERMINISTIC: tl
     _scatter(ptr + stride_i + 1, a[5], mask & m01 & mi1, fixed, DETERMINISTIC)
     _scatter(ptr + stride_i + stride_j, a[6], mask & m10 & mi1, fixed, DETERMINISTIC)
     _scatter(ptr + stride_i + stride_j + 1, a[7], mask & m11 & mi1, fixed, DETERMINISTIC)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host helpers shared by the launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def interpreting() -> bool:
+    """Whether kernels run under ``TRITON_INTERPRET=1`` (read once, in ``tritondrr._config``)."""
+    from tritondrr._config import interpreting as config_interpreting
+
+    return config_interpreting()
+
+
+def wrap_launch(kernel):
+    """``torch.library.wrap_triton(kernel)``: the launch becomes traceable by ``torch.compile``
+    (inside a ``triton_op``); the kernel itself under the interpreter, when tracing is off, or on
+    torch without ``wrap_triton``."""
+    wrap_triton = getattr(torch.library, "wrap_triton", None)
+    return wrap_triton(kernel) if wrap_triton is not None else kernel

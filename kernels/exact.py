@@ -46,11 +46,11 @@ fp32/fp16/bf16/fp64 volume loads upcast; ``INT64`` turns on 64-bit offsets.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import _load8, interpreting, wrap_launch
 
 __all__ = ["TINY", "exact_backward", "exact_forward", "needs_int64"]
 
@@ -120,21 +120,6 @@ def _nearest(x, n, INT64: tl.constexpr):
     else:
         i = r.to(tl.int32)
     return i, (i >= 0) & (i < n)
-
-
-@triton.jit
-def _load8(ptr, off, mi0, mi1, m00, m01, m10, m11, stride_i, stride_j, CDT: tl.constexpr):
-    """The 8 corners (masked corners read 0), upcast to CDT. Corner (a, b, c) is v{abc}. Each [BLOCK_R]."""
-    base = ptr + off
-    v000 = tl.load(base, mask=m00 & mi0, other=0).to(CDT)
-    v001 = tl.load(base + 1, mask=m01 & mi0, other=0).to(CDT)
-    v010 = tl.load(base + stride_j, mask=m10 & mi0, other=0).to(CDT)
-    v011 = tl.load(base + stride_j + 1, mask=m11 & mi0, other=0).to(CDT)
-    v100 = tl.load(base + stride_i, mask=m00 & mi1, other=0).to(CDT)
-    v101 = tl.load(base + stride_i + 1, mask=m01 & mi1, other=0).to(CDT)
-    v110 = tl.load(base + stride_i + stride_j, mask=m10 & mi1, other=0).to(CDT)
-    v111 = tl.load(base + stride_i + stride_j + 1, mask=m11 & mi1, other=0).to(CDT)
-    return v000, v001, v010, v011, v100, v101, v110, v111
 
 
 @triton.jit
@@ -633,8 +618,6 @@ def _exact_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def needs_int64(shape: tuple[int, int, int], n_ray_elements: int, n_out: int) -> bool:
@@ -649,7 +632,7 @@ def needs_int64(shape: tuple[int, int, int], n_ray_elements: int, n_out: int) ->
 
 def _block_r(n_rays: int, backward: bool) -> tuple[int, int]:
     """(BLOCK_R, num_warps): one ray per lane. Big blocks under the interpreter (per-op cost)."""
-    if _interpreting():
+    if interpreting():
         return min(128, max(16, triton.next_power_of_2(max(n_rays, 1)))), 1
     return (64, 2) if backward else (128, 4)
 
@@ -674,9 +657,6 @@ def _common(density, source, target, lo, hi, n_channels):
     return args, int64
 
 
-def _wrap(kernel):
-    wrap = getattr(torch.library, "wrap_triton", None)
-    return wrap(kernel) if wrap is not None else kernel
 
 
 def exact_forward(
@@ -716,7 +696,7 @@ def exact_forward(
     br = block_r or br
     args, int64 = _common(density, source, target, lo, hi, n_channels)
     grid = (triton.cdiv(n_rays, br), batch)
-    _wrap(_exact_fwd_kernel)[grid](
+    wrap_launch(_exact_fwd_kernel)[grid](
         density,
         labels if labels is not None else density,
         source,
@@ -769,7 +749,7 @@ def exact_backward(
         args, int64 = _common(density, source, target, lo, hi, n_channels)
         grid = (triton.cdiv(n_rays, br), batch)
         dummy = grad_out
-        _wrap(_exact_bwd_kernel)[grid](
+        wrap_launch(_exact_bwd_kernel)[grid](
             density,
             labels if labels is not None else density,
             source,

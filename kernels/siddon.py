@@ -28,11 +28,11 @@ terms to the channels of its two voxels (labelmap gathered at the same offsets) 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import _ray_block, interpreting, wrap_launch
 
 __all__ = ["launch_config", "needs_int64", "siddon_backward", "siddon_forward"]
 
@@ -210,13 +210,6 @@ def _ray_setup(
         qz, qhz, dz, invz, posz, mloz, cntz,
         ta, tb, taub, hit, inx, iny, outx, outy, cut_in, cut_out,
     )  # fmt: skip
-
-
-@triton.jit
-def _ray_block(pid_r, INT64: tl.constexpr, BLOCK_R: tl.constexpr):
-    if INT64:
-        pid_r = pid_r.to(tl.int64)
-    return pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
 
 
 @triton.jit
@@ -474,8 +467,6 @@ def _siddon_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def needs_int64(shape: tuple[int, int, int], n_ray_elements: int) -> bool:
@@ -494,7 +485,7 @@ def launch_config(n_rays: int, n_channels: int = 1, backward: bool = False) -> t
     """
     r_pow2 = triton.next_power_of_2(max(n_rays, 1))
     c_pad = triton.next_power_of_2(max(n_channels, 1))
-    if _interpreting():
+    if interpreting():
         return min(128, max(16, r_pow2)), 32, 1
     block_s = 32 if n_channels == 1 or backward else max(1, 32 * 4 // max(c_pad, 4))
     return min(32, max(16, r_pow2)), max(block_s, 2), 4
@@ -527,10 +518,6 @@ def _common_args(density, source, target, lo, hi):
     return args
 
 
-def _wrap(kernel):
-    # torch.library.wrap_triton makes the launch traceable by torch.compile (inside triton_op).
-    wrap = getattr(torch.library, "wrap_triton", None)
-    return wrap(kernel) if wrap is not None else kernel
 
 
 def siddon_forward(
@@ -569,7 +556,7 @@ def siddon_forward(
     br, bs = block_r or br, block_s or bs
     int64 = needs_int64(tuple(density.shape), batch * n_rays * max(3, n_channels))
     grid = (triton.cdiv(n_rays, br), batch)
-    _wrap(_siddon_fwd_kernel)[grid](
+    wrap_launch(_siddon_fwd_kernel)[grid](
         density,
         labels if n_channels > 1 else density,
         source,
@@ -622,7 +609,7 @@ def siddon_backward(
         int64 = needs_int64(tuple(density.shape), batch * n_rays * max(3, n_channels))
         grid = (triton.cdiv(n_rays, br), batch)
         dummy = grad_out  # stands in for buffers a specialisation never touches
-        _wrap(_siddon_bwd_kernel)[grid](
+        wrap_launch(_siddon_bwd_kernel)[grid](
             density,
             labels if n_channels > 1 else density,
             source,

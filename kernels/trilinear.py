@@ -90,6 +90,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import interpreting, wrap_launch
+
 from ._common import (  # noqa: F401 (shared with the other renderers' kernels)
     _clip_axis,
     _cell,
@@ -469,11 +471,6 @@ def _store3(ptr, v, mask):
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    # Kernels know nothing of the package; the one place that reads the variable is tritondrr._config.
-    from tritondrr._config import interpreting
-
-    return interpreting()
 
 
 def needs_int64(shape: tuple[int, int, int], n_ray_elements: int) -> bool:
@@ -496,7 +493,7 @@ def launch_config(n_rays: int, n_samples: int, backward: bool = False) -> tuple[
     """
     s_pow2 = triton.next_power_of_2(max(n_samples, 1))
     r_pow2 = triton.next_power_of_2(max(n_rays, 1))
-    if _interpreting():
+    if interpreting():
         return min(128, max(16, r_pow2)), min(64, max(16, s_pow2)), 1
     block_s = min(32, max(16, s_pow2))
     block_r = (32 if backward else 64) if n_rays >= 4096 else 32
@@ -558,11 +555,6 @@ def _common_args(density, source, target, lo, hi, n_samples, n_channels=1, pool=
     return args, int64
 
 
-def _wrap(kernel):
-    # torch.library.wrap_triton makes the launch traceable by torch.compile (inside triton_op);
-    # it returns the kernel itself under the interpreter or when tracing is off.
-    wrap = getattr(torch.library, "wrap_triton", None)
-    return wrap(kernel) if wrap is not None else kernel
 
 
 def raymarch_forward(
@@ -614,7 +606,7 @@ def raymarch_forward(
     br, bs = block_r or br, block_s or bs
     args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels, pool)
     grid = (triton.cdiv(n_rays, br), batch)
-    _wrap(_raymarch_fwd_kernel)[grid](
+    wrap_launch(_raymarch_fwd_kernel)[grid](
         density, labels if labels is not None else density, source, target, phase, out, *args,
         **_channel_flags(n_channels, soft_labels), POOL=pool is not None, INT64=int64, BLOCK_R=br, BLOCK_S=bs,
         BLOCK_C=_block_c(n_channels), num_warps=warps,
@@ -694,7 +686,7 @@ def raymarch_backward(
         args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels, pool)
         grid = (triton.cdiv(n_rays, br), batch)
         dummy = grad_out  # stands in for buffers a specialisation never touches
-        _wrap(_raymarch_bwd_kernel)[grid](
+        wrap_launch(_raymarch_bwd_kernel)[grid](
             density,
             labels if labels is not None else density,
             source,

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tritondrr import volume
+from tritondrr._config import interpreting
 from tritondrr.kernels import trilinear as kernels
 from tritondrr.renderers.trilinear import naive as reference
 from tritondrr.renderers.trilinear import op as ops
@@ -46,7 +47,7 @@ DEVICE = torch.device("cpu")
 @pytest.fixture(autouse=True)
 def _device(device):
     global DEVICE
-    if device.type == "cuda" and ops._interpreting():
+    if device.type == "cuda" and interpreting():
         pytest.skip("--device cuda needs TRITON_INTERPRET=0 (the kernels are interpreted otherwise)")
     DEVICE = device
     yield

@@ -17,28 +17,16 @@ implementations. This module imports Triton.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from tritondrr.kernels import exact as _kernels
+
+from .._op import define_op, interpreting
 
 __all__ = ["integrate"]
 
 _VOLUME_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _RAY_DTYPES = (torch.float32, torch.float64)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _define(name: str, fn, fake):
-    if hasattr(torch.library, "triton_op") and not _interpreting():
-        return torch.library.triton_op(name, fn, mutates_args=())
-    op = torch.library.custom_op(name, fn, mutates_args=())
-    op.register_fake(fake)
-    return op
 
 
 def _forward_impl(
@@ -59,7 +47,7 @@ def _forward_fake(density, labels, source, target, lo, hi, n_channels, label_mod
     return target.new_empty((batch, n_channels, n_rays))
 
 
-_exact_op = _define("tritondrr::exact_integrate", _forward_impl, _forward_fake)
+_exact_op = define_op("tritondrr::exact_integrate", _forward_impl, _forward_fake)
 
 
 def _backward_impl(
@@ -105,7 +93,7 @@ def _backward_fake(grad_out, density, labels, source, target, lo, hi, n_channels
     )
 
 
-_exact_backward_op = _define("tritondrr::exact_integrate_backward", _backward_impl, _backward_fake)
+_exact_backward_op = define_op("tritondrr::exact_integrate_backward", _backward_impl, _backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -174,7 +162,7 @@ def integrate(
         raise ValueError(f"density must be an (I, J, K) tensor, got {getattr(density, 'shape', type(density))}")
     if density.dtype not in _VOLUME_DTYPES:
         raise TypeError(f"density must be float32, float16, bfloat16 or float64, got {density.dtype}")
-    if not (density.is_cuda or (_interpreting() and density.device.type == "cpu")):
+    if not (density.is_cuda or (interpreting() and density.device.type == "cpu")):
         raise ValueError(
             f"density must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), got {density.device}"
         )

@@ -17,29 +17,16 @@ with a fake implementation. This module imports Triton: import it only for the T
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from tritondrr.kernels import siddon as _kernels
+
+from .._op import define_op, interpreting
 
 __all__ = ["integrate"]
 
 _VOLUME_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _RAY_DTYPES = (torch.float32, torch.float64)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _define(name: str, fn, fake):
-    """``triton_op`` where it can trace the launches (GPU, torch >= 2.6), else ``custom_op`` + fake."""
-    if hasattr(torch.library, "triton_op") and not _interpreting():
-        return torch.library.triton_op(name, fn, mutates_args=())
-    op = torch.library.custom_op(name, fn, mutates_args=())
-    op.register_fake(fake)
-    return op
 
 
 def _forward_impl(
@@ -59,7 +46,7 @@ def _forward_fake(density, source, target, labels, n_channels, lo, hi):
     return target.new_empty((batch, n_channels, n_rays))
 
 
-_siddon_op = _define("tritondrr::siddon", _forward_impl, _forward_fake)
+_siddon_op = define_op("tritondrr::siddon", _forward_impl, _forward_fake)
 
 
 def _backward_impl(
@@ -93,7 +80,7 @@ def _backward_fake(grad_out, density, source, target, labels, n_channels, lo, hi
     return grad_vol, grad_src, grad_tgt
 
 
-_siddon_backward_op = _define("tritondrr::siddon_backward", _backward_impl, _backward_fake)
+_siddon_backward_op = define_op("tritondrr::siddon_backward", _backward_impl, _backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -185,7 +172,7 @@ def integrate(
         raise ValueError(f"density must be an (I, J, K) tensor, got {getattr(density, 'shape', type(density))}")
     if density.dtype not in _VOLUME_DTYPES:
         raise TypeError(f"density must be float32, float16, bfloat16 or float64, got {density.dtype}")
-    if not (density.is_cuda or (_interpreting() and density.device.type == "cpu")):
+    if not (density.is_cuda or (interpreting() and density.device.type == "cpu")):
         raise ValueError(
             f"density must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), got {density.device}"
         )

@@ -29,23 +29,14 @@ import torch
 
 from tritondrr.kernels import trilinear as _kernels
 
-from ..._config import interpreting
+from .._op import define_op, interpreting
+
 
 __all__ = ["MAX_CHANNELS", "raymarch"]
 
 _VOLUME_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _RAY_DTYPES = (torch.float32, torch.float64)
 _warned_noncontiguous = False
-
-
-def _define(name: str, fn, fake):
-    """``triton_op`` where it can trace the launches (GPU, torch >= 2.6), else ``custom_op`` + fake."""
-    if hasattr(torch.library, "triton_op") and not interpreting():
-        # triton_op registers ``fn`` itself (traced with fake tensors) as the fake implementation.
-        return torch.library.triton_op(name, fn, mutates_args=())
-    op = torch.library.custom_op(name, fn, mutates_args=())
-    op.register_fake(fake)
-    return op
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,7 +67,7 @@ def _forward_fake(density, source, target, phase, lo, hi, n_samples, determinist
     return target.new_empty((batch, n_channels if labels is not None else 1, n_rays))
 
 
-_raymarch_op = _define("tritondrr::raymarch", _forward_impl, _forward_fake)
+_raymarch_op = define_op("tritondrr::raymarch", _forward_impl, _forward_fake)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,7 +126,7 @@ def _backward_fake(
     return grad_vol, grad_src, grad_tgt
 
 
-_raymarch_backward_op = _define("tritondrr::raymarch_backward", _backward_impl, _backward_fake)
+_raymarch_backward_op = define_op("tritondrr::raymarch_backward", _backward_impl, _backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
