@@ -38,7 +38,7 @@ PYTEST_BENCH = $(PEERS_PATH) $(PYTHON) -m pytest bench --bench-device $(DEVICE) 
 TORCH_VERSION = $(shell $(PYTHON) -c "import torch; print(torch.__version__)" 2>/dev/null)
 TORCH_PIN = -c <(echo torch==$(TORCH_VERSION))
 # The results files of bench/results (their companions -accuracy, -kernels, ... are read beside them).
-RESULTS = $(filter-out %-accuracy.json %-kernels.json %-gradients.json %-gpu-check.json bench/results/sass-%,$(wildcard bench/results/*.json))
+RESULTS = $(filter-out %-accuracy.json %-kernels.json %-gradients.json %-gpu-check.json %-quick.json %-generation.json %-generation-compiled.json %-generation-omp1.json bench/results/sass-% bench/results/registration-%,$(wildcard bench/results/*.json))
 
 .PHONY: test bench bench-peers bench-run bench-quick bench-report bench-wheels bench-offline bench-gradients \
 	bench-sass gpu-prepare gpu-dry-run gpu-ingest
