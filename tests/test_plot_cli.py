@@ -166,6 +166,18 @@ def test_cli_render_phantom(tmp_path, capsys):
     assert str(out) in printed and "32 x 32" in printed
 
 
+@pytest.mark.parametrize("renderer", ["siddon", "exact"])
+def test_cli_render_with_another_renderer(tmp_path, capsys, renderer):
+    from tritondrr.cli import main
+
+    out = tmp_path / f"{renderer}.png"
+    args = ["render", "--height", "16", "--delx", "24", "--renderer", renderer, "--device", "cpu", "--output", str(out)]
+    assert main(args) == 0
+    width, height, rows = _decode_gray_png(out.read_bytes())
+    assert (width, height) == (16, 16) and max(max(r) for r in rows) == 255
+    assert f"({renderer}, backend auto)" in capsys.readouterr().out
+
+
 @needs_drr
 def test_cli_render_nrrd_input_and_errors(tmp_path, capsys):
     from tritondrr.cli import main

