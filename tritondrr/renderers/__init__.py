@@ -74,7 +74,7 @@ def _trilinear_triton(density, source, target, *, box, labels, n_channels, soft_
     )  # fmt: skip
 
 
-def _exact_renderer(name: str, module: str):
+def _integrate_row(name: str, module: str):
     """A row that calls ``tritondrr.renderers.<name>.<module>.integrate`` (imported on first use)."""
 
     def run(density, source, target, *, box, labels, n_channels, soft_labels, sampling):
@@ -92,10 +92,10 @@ def _exact_renderer(name: str, module: str):
 RENDERERS = {
     ("trilinear", "torch"): _trilinear_torch,
     ("trilinear", "triton"): _trilinear_triton,
-    ("siddon", "torch"): _exact_renderer("siddon", "naive"),
-    ("siddon", "triton"): _exact_renderer("siddon", "op"),
-    ("exact", "torch"): _exact_renderer("exact", "naive"),
-    ("exact", "triton"): _exact_renderer("exact", "op"),
+    ("siddon", "torch"): _integrate_row("siddon", "naive"),
+    ("siddon", "triton"): _integrate_row("siddon", "op"),
+    ("exact", "torch"): _integrate_row("exact", "naive"),
+    ("exact", "triton"): _integrate_row("exact", "op"),
 }
 
 
