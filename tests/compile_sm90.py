@@ -179,8 +179,10 @@ def specialisations() -> dict:
     return specs
 
 
-def main(argv: list[str]) -> int:
-    specs = specialisations()
+def compile_all(specs: dict, argv: list[str]) -> int:
+    """Compile ``specs`` (name -> (kernel, signature, constexprs)) for sm_90, one line per
+    specialisation; ``argv``: ``--list`` and name substrings. 1 if any failed. The Siddon and exact
+    kernels' scripts (tests/renderers/*/compile_*_sm90.py) run their specialisations through it."""
     wanted = [a for a in argv if not a.startswith("--")]
     names = [n for n in specs if not wanted or any(w in n for w in wanted)]
     if "--list" in argv:
@@ -200,6 +202,10 @@ def main(argv: list[str]) -> int:
             detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
             print(f"FAIL {name}: {detail[:2000]}", flush=True)
     return 1 if failed else 0
+
+
+def main(argv: list[str]) -> int:
+    return compile_all(specialisations(), argv)
 
 
 if __name__ == "__main__":

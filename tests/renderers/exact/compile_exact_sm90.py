@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-import traceback
+from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("compile_exact_sm90.py must run without TRITON_INTERPRET=1")
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from tritondrr.kernels.exact import _exact_bwd_kernel, _exact_fwd_kernel
 
-TARGET = GPUTarget("cuda", 90, 32)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: the shared compile harness
+from compile_sm90 import compile_all  # noqa: E402
+
 _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "fp64": "*fp64", "i64": "*i64"}
 _SCALARS = ["n_rays", "src_stride_b", "src_stride_r", "size_i", "size_j", "size_k", "stride_i", "stride_j"]
 _BOX = ["lo0", "lo1", "lo2", "hi0", "hi1", "hi2"]
@@ -122,26 +121,7 @@ def specialisations() -> dict:
 
 
 def main(argv: list[str]) -> int:
-    specs = specialisations()
-    wanted = [a for a in argv if not a.startswith("--")]
-    names = [n for n in specs if not wanted or any(w in n for w in wanted)]
-    if "--list" in argv:
-        print("\n".join(names))
-        return 0
-    failed = 0
-    for name in names:
-        kernel, sig, const = specs[name]
-        start = time.perf_counter()
-        try:
-            compiled = triton.compile(ASTSource(kernel, sig, const), target=TARGET, options={"num_warps": 4})
-            if "cubin" not in compiled.asm:
-                raise RuntimeError("no cubin produced")
-            print(f"ok {name} {time.perf_counter() - start:.2f}s", flush=True)
-        except Exception as exc:  # noqa: BLE001 -- report every failure, not just the first
-            failed += 1
-            detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-            print(f"FAIL {name}: {detail[:2000]}", flush=True)
-    return 1 if failed else 0
+    return compile_all(specialisations(), argv)
 
 
 if __name__ == "__main__":

@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-import traceback
+from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("compile_siddon_sm90.py must run without TRITON_INTERPRET=1")
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from tritondrr.kernels.siddon import _siddon_bwd_kernel, _siddon_fwd_kernel  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: the shared compile harness
+from compile_sm90 import compile_all  # noqa: E402
+
 
 _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "fp64": "*fp64", "i64": "*i64"}
 # Runtime int and float arguments, in kernel order after the pointers.
@@ -143,26 +142,7 @@ def specialisations() -> dict:
 
 
 def main(argv: list[str]) -> int:
-    specs = specialisations()
-    wanted = [a for a in argv if not a.startswith("--")]
-    names = [n for n in specs if not wanted or any(w in n for w in wanted)]
-    if "--list" in argv:
-        print("\n".join(names))
-        return 0
-    failed = 0
-    for name in names:
-        kernel, sig, const = specs[name]
-        start = time.perf_counter()
-        try:
-            compiled = triton.compile(ASTSource(kernel, sig, const), target=TARGET, options={"num_warps": 4})
-            if "cubin" not in compiled.asm:
-                raise RuntimeError("no cubin produced")
-            print(f"ok {name} {time.perf_counter() - start:.2f}s", flush=True)
-        except Exception as exc:  # report every failure, not just the first
-            failed += 1
-            detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-            print(f"FAIL {name}: {detail[:2000]}", flush=True)
-    return 1 if failed else 0
+    return compile_all(specialisations(), argv)
 
 
 if __name__ == "__main__":
