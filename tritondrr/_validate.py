@@ -303,7 +303,7 @@ def warn_float32_precision(top: float, affine: torch.Tensor, dtype: torch.dtype)
         )
 
 
-def _far_end(base: torch.Tensor, end: torch.Tensor, centre: torch.Tensor, radius: float) -> torch.Tensor:
+def _far_end(base: torch.Tensor, end: torch.Tensor, centre: torch.Tensor, radius) -> torch.Tensor:
     """``end`` where finite, else ``base + u * R`` with u the unit vector of the infinite axes' signs."""
     infinite = torch.isinf(end)
     direction = torch.where(infinite, torch.sign(end), torch.zeros_like(end))
@@ -316,18 +316,20 @@ def _far_end(base: torch.Tensor, end: torch.Tensor, centre: torch.Tensor, radius
 
 
 def finite_ray_ends(source: torch.Tensor, target: torch.Tensor, affine: torch.Tensor, shape):
-    """``(source, target)`` with each infinite ray end (a point at infinity) made finite, on the CPU
-    (where it also warns about float32 precision far from the origin: ``warn_float32_precision``).
+    """``(source, target)`` with each infinite ray end (a point at infinity) made finite; on the CPU
+    it also warns about float32 precision far from the origin (``warn_float32_precision``).
 
     A coordinate of +-inf names a direction: the unit vector of the signs of the infinite
     coordinates. Such an end becomes ``other_end + u * R`` with ``R`` larger than the distance from
     the other end to any point of the volume's support, so the segment crosses all of the volume
     the ray crosses: a ray that misses gives exactly 0, one that hits its finite integral. A ray
-    with both ends infinite, or a NaN coordinate, gives NaN. Rays on other devices are returned
-    unchanged (finding infinite ends there would synchronise; docs/errors.md): give finite ends.
+    with both ends infinite, or a NaN coordinate, gives NaN. On other devices the same elementwise
+    replacement runs on the device, without reading anything back (``_finite_ends_on_device``).
     """
-    if target.device.type != "cpu" or not target.numel():
+    if not target.numel():
         return source, target
+    if target.device.type != "cpu":
+        return _finite_ends_on_device(source, target, affine, shape)
     # Largest |coordinate| (inf if an end is infinite): numpy views of the CPU tensors, no copies.
     top = max(max(float(x.max()), -float(x.min())) for x in (source.detach().numpy(), target.detach().numpy()))
     warn_float32_precision(top, affine, target.dtype)
@@ -339,6 +341,22 @@ def finite_ray_ends(source: torch.Tensor, target: torch.Tensor, affine: torch.Te
     radius = float((a[:3, :3].norm(dim=0) * (half + 1.0)).sum())  # bounds |x - centre| on the support [-1, n]
     if source.shape[1] != target.shape[1] and bool(torch.isinf(source).any()):
         source = source.expand_as(target)  # a shared source at infinity: one far point per ray
+    target = _far_end(source.expand_as(target), target, centre, radius)
+    if source.shape[1] == target.shape[1]:
+        source = _far_end(target, source, centre, radius)
+    return source, target
+
+
+def _finite_ends_on_device(source: torch.Tensor, target: torch.Tensor, affine: torch.Tensor, shape):
+    """``finite_ray_ends`` without a host synchronisation: always the elementwise replacement (a few
+    O(rays) operations), the volume's centre and reach computed on the rays' device. A shared
+    source (B, 1, 3) at infinity is left as it is (expanding it per ray would need to know it is
+    infinite): give such a source finitely, or per ray."""
+    dtype = target.dtype if target.device.type != "mps" else torch.float32
+    a = affine.detach().to(device=target.device, dtype=dtype)
+    half = torch.tensor([(n - 1) / 2 for n in shape], dtype=dtype, device=target.device)
+    centre = (a[:3, :3] @ half + a[:3, 3]).to(target.dtype)  # world position of the grid's centre
+    radius = (a[:3, :3].norm(dim=0) * (half + 1.0)).sum().to(target.dtype)  # bounds |x - centre| on the support
     target = _far_end(source.expand_as(target), target, centre, radius)
     if source.shape[1] == target.shape[1]:
         source = _far_end(target, source, centre, radius)

@@ -548,3 +548,26 @@ def test_the_checks_add_no_host_synchronisation_on_cuda(device):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(clamped.cpu(), torch.zeros(1, 1, 16)) and torch.equal(kept.cpu(), torch.full((1, 1, 16), -1.0))
+
+
+def test_infinite_ray_ends_are_made_finite_without_reading_the_device():
+    # The device path (CUDA, MPS) is elementwise only; it runs here on CPU tensors and must agree
+    # with the CPU path, whose renders the test above checks against the exact integral.
+    from tritondrr._validate import _finite_ends_on_device, finite_ray_ends
+
+    inf = float("inf")
+    affine = torch.eye(4, dtype=torch.float64)
+    affine[:3, 3] = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    source = torch.tensor([[[-3.0, 1.7, 2.2], [-inf, 1.0, 2.0], [0.0, 0.0, 0.0]]], dtype=torch.float64)
+    target = torch.tensor([[[inf, 1.7, 2.2], [8.0, 1.0, 2.0], [1.0, -inf, inf]]], dtype=torch.float64)
+    for shared in (False, True):
+        s = source[:, :1] if shared else source
+        want = finite_ray_ends(s, target, affine, (5, 5, 5))
+        got = _finite_ends_on_device(s, target, affine, (5, 5, 5))
+        for w, g in zip(want, got):
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g.expand_as(w), w, rtol=1e-12, atol=1e-12)
+    # Finite ends pass through untouched, bit for bit.
+    finite = torch.rand(1, 4, 3, dtype=torch.float64)
+    kept = _finite_ends_on_device(finite[:, :1], finite, affine, (5, 5, 5))
+    assert torch.equal(kept[1], finite) and torch.equal(kept[0], finite[:, :1])
