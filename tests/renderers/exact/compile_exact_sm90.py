@@ -22,9 +22,8 @@ import triton
 from tritondrr.kernels.exact import _exact_bwd_kernel, _exact_fwd_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: the shared compile harness
-from compile_sm90 import compile_all  # noqa: E402
+from compile_sm90 import _PTR, compile_all  # noqa: E402
 
-_PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "fp64": "*fp64", "i64": "*i64"}
 _SCALARS = ["n_rays", "src_stride_b", "src_stride_r", "size_i", "size_j", "size_k", "stride_i", "stride_j"]
 _BOX = ["lo0", "lo1", "lo2", "hi0", "hi1", "hi2"]
 #: Ints equal to 1 become constexprs on the GPU: one ray, a shared source stride, K = 1 volumes.

@@ -24,10 +24,9 @@ import triton  # noqa: E402
 from tritondrr.kernels.siddon import _siddon_bwd_kernel, _siddon_fwd_kernel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: the shared compile harness
-from compile_sm90 import compile_all  # noqa: E402
+from compile_sm90 import _PTR, compile_all  # noqa: E402
 
 
-_PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "fp64": "*fp64", "i64": "*i64"}
 # Runtime int and float arguments, in kernel order after the pointers.
 _SCALARS = [
     "n_rays",
