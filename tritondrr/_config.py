@@ -6,6 +6,8 @@
 |                     |         | a kernel module is imported; tritondrr only asks whether it is on.   |
 | ``TRITONDRR_COMPILE`` | ``1`` | ``0``: the CPU trilinear renderer uses ``grid_sample`` instead of the |
 |                     |         | ``torch.compile``-d gather loop (no 10-60 s first compile).          |
+| ``TRITONDRR_SKIP_EMPTY`` | ``1`` | ``0``: ``DRR`` renders without empty-space skipping            |
+|                     |         | (``tritondrr.occupancy``; results agree to float rounding).          |
 | ``TRITONDRR_MAX_BYTES`` | 16 GiB | largest allocation a call may plan before it is refused with a    |
 |                     |         | ValueError (``tritondrr._limits``); a number of bytes or ``64G``,   |
 |                     |         | ``512M``; ``0`` or ``inf`` turns the limit off.                      |
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["interpreting", "compile_enabled", "set_compile", "max_bytes"]
+__all__ = ["interpreting", "compile_enabled", "set_compile", "max_bytes", "skip_empty"]
 
 _compile_override: bool | None = None
 
@@ -39,6 +41,11 @@ def set_compile(enabled: bool | None) -> None:
     """Turn the compiled CPU path on or off for this process (None: back to the environment)."""
     global _compile_override
     _compile_override = enabled
+
+
+def skip_empty() -> bool:
+    """Whether ``DRR`` skips empty space (``TRITONDRR_SKIP_EMPTY``, default on)."""
+    return os.environ.get("TRITONDRR_SKIP_EMPTY", "1") != "0"
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

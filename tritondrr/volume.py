@@ -102,8 +102,9 @@ def _valid(key: _Key | None, tensor: torch.Tensor) -> bool:
 class Volume:
     """A density grid and its affine, with what the renderers derive from them computed once.
 
-    ``box()`` (the occupied box, ``occupied_box``) and ``host_affine()`` (a float64 CPU copy
-    of the affine, from which the sample count is sized without touching the GPU) are cached
+    ``box()`` (the occupied box, ``occupied_box``), ``bricks()`` (the occupancy grid of
+    ``tritondrr.occupancy``) and ``host_affine()`` (a float64 CPU copy of the affine, from which
+    the sample count is sized without touching the GPU) are cached
     and keyed on the identity and the in-place edit count of the tensor they come from: edit
     ``density`` in place, or replace it, and the next call recomputes. ``DRR`` holds one;
     ``render`` makes a throw-away one for bare tensors.
@@ -119,6 +120,8 @@ class Volume:
         self._box_key: _Key | None = None
         self._host: torch.Tensor | None = None
         self._host_key: _Key | None = None
+        self._bricks = None
+        self._bricks_key: _Key | None = None
 
     def update(self, density: torch.Tensor, affine: torch.Tensor) -> Volume:
         """Point at (possibly new) tensors; caches stay valid only for the tensors they came from."""
@@ -128,9 +131,12 @@ class Volume:
     def moved(self, density: torch.Tensor, affine: torch.Tensor) -> None:
         """The same values now live in new tensors (``Module.to``): keep the caches, re-keyed."""
         valid_box, valid_host = _valid(self._box_key, self.density), _valid(self._host_key, self.affine)
+        valid_bricks = _valid(self._bricks_key, self.density)
         self.update(density, affine)
         if valid_box:
             self._box_key = _Key(density)
+        if valid_bricks:
+            self._bricks, self._bricks_key = self._bricks.to(density.device), _Key(density)
         if valid_host:
             self._host_key = _Key(affine)
 
@@ -142,6 +148,17 @@ class Volume:
         if not _valid(self._box_key, self.density):
             self._box, self._box_key = occupied_box(self.density), _Key(self.density)
         return self._box
+
+    def bricks(self):
+        """``occupancy.Bricks`` of the density (empty-space skipping), or None while the density
+        requires grad (its gradient is non-zero in empty space too)."""
+        if self.density.requires_grad and torch.is_grad_enabled():
+            return None
+        if not _valid(self._bricks_key, self.density):
+            from .occupancy import brick_groups
+
+            self._bricks, self._bricks_key = brick_groups(self.density), _Key(self.density)
+        return self._bricks
 
     def host_affine(self) -> torch.Tensor:
         """(4, 4) float64 CPU copy of the affine (copied again only after the affine changes)."""
