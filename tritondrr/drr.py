@@ -21,7 +21,7 @@ import threading
 import torch
 from torch import nn
 
-from . import _validate
+from . import _config, _validate
 from .detector import Detector, reorientation
 from .pose import RigidTransform, convert
 from .render import BACKENDS, check_renderer, render, samples_per_ray
@@ -444,7 +444,9 @@ class DRR(nn.Module):
             ids = ray_ids
         # Another volume (one being reconstructed, say) is rendered over its whole support, with
         # the module's sample count.
-        box = self._current_volume().box() if density is self.density else support_box(density.shape)
+        volume = self._current_volume()
+        box = volume.box() if density is self.density else support_box(density.shape)
+        bricks = volume.bricks() if density is self.density and _config.skip_empty() else None
         trilinear = self.renderer_name == "trilinear"
         labels = self._labels() if mask_to_channels else None
         options = dict(
@@ -456,6 +458,7 @@ class DRR(nn.Module):
             box=box,
             backend=self.backend,
             deterministic=self.deterministic,
+            bricks=bricks,
         )
         affine = self._render_affine()
         rays = n_rays if self.patch_size is None else self.patch_size**2

@@ -62,6 +62,7 @@ def render(
     ray_ids: torch.Tensor | None = None,
     backend: str = "auto",
     deterministic: bool = False,
+    bricks=None,
 ) -> torch.Tensor:
     """Line integrals (density x mm) of ``density`` along rays: the trilinear interpolant
     (sampled, or exactly) or Siddon's nearest-neighbour voxels.
@@ -97,6 +98,10 @@ def render(
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
         deterministic: bitwise-repeatable volume gradient on the Triton backend (fixed-point
             atomics, 8 bytes per voxel during the backward). The PyTorch backend always is.
+        bricks: optional ``tritondrr.occupancy.Bricks`` of ``density`` (``brick_groups(density)``,
+            or ``Volume.bricks()`` cached): rays skip the empty space it marks, with the same
+            result to float rounding. Ignored while ``density`` requires grad. ``DRR`` passes its
+            cached one; None: no skipping.
 
     Returns:
         (B, C, N) in the rays' dtype. Rays that miss the volume or have zero length give 0.
@@ -165,6 +170,13 @@ def render(
 
     if box is None:
         box = Volume(density, affine).box()
+    if bricks is not None:
+        if not hasattr(bricks, "groups"):
+            raise TypeError(f"bricks must be a tritondrr.occupancy.Bricks or None, got {type(bricks).__name__}")
+        if density.requires_grad and torch.is_grad_enabled():
+            bricks = None  # the volume gradient is non-zero in empty space too
+        elif bricks.groups.device != density.device:
+            raise ValueError(f"bricks are on {bricks.groups.device} but density is on {density.device}")
     sampling = None
     if renderer == "trilinear":
         lo, hi = box
@@ -177,8 +189,9 @@ def render(
     src = source @ inverse[:3, :3].T + inverse[:3, 3]
     tgt = target @ inverse[:3, :3].T + inverse[:3, 3]
     integral = RENDERERS[(renderer, backend)](
-        density, src, tgt, box=box, labels=mask, n_channels=n_channels, soft_labels=soft_labels, sampling=sampling
-    )
+        density, src, tgt, box=box, labels=mask, n_channels=n_channels, soft_labels=soft_labels, sampling=sampling,
+        bricks=bricks,
+    )  # fmt: skip
     length_mm = (target - source).norm(dim=-1)  # [B, N]
     integral = _validate.clamp_if_nonnegative(integral, density)  # docs/errors.md: the end correction
     return integral * length_mm[:, None, :]

@@ -5,9 +5,12 @@ converts world rays to index coordinates, and calls the row's function, which re
 integral over ``t`` in [0, 1] along each ray, (B, C, N) (``render`` multiplies by the ray length
 in mm). Every row has the same signature::
 
-    fn(density, source, target, *, box, labels, n_channels, soft_labels, sampling) -> (B, C, N)
+    fn(density, source, target, *, box, labels, n_channels, soft_labels, sampling, bricks) -> (B, C, N)
 
-``sampling`` (``Sampling``) carries what only the sampled trilinear renderer uses. A new
+``sampling`` (``Sampling``) carries what only the sampled trilinear renderer uses; ``bricks``
+(``tritondrr.occupancy.Bricks`` or None) lets a row skip empty space: the sampled renderer
+leaves out runs of samples that are exact zeros, the exact renderers integrate each ray over
+``occupancy.occupied_interval`` only. A new
 renderer is one package with ``naive.py`` (PyTorch) and ``op.py`` (Triton) plus two rows here.
 
 | name        | field integrated                         | method                                   |
@@ -44,18 +47,18 @@ class Sampling:
     deterministic: bool = False
 
 
-def _trilinear_torch(density, source, target, *, box, labels, n_channels, soft_labels, sampling):
+def _trilinear_torch(density, source, target, *, box, labels, n_channels, soft_labels, sampling, bricks=None):
     from .trilinear import cpu, naive
 
     march = cpu.raymarch if density.device.type == "cpu" else naive.raymarch
     lo, hi = box
     return march(
         density, source, target, sampling.phase, lo, hi, sampling.n_samples,
-        labels=labels, n_channels=n_channels, soft_labels=soft_labels,
+        labels=labels, n_channels=n_channels, soft_labels=soft_labels, bricks=bricks,
     )  # fmt: skip
 
 
-def _trilinear_triton(density, source, target, *, box, labels, n_channels, soft_labels, sampling):
+def _trilinear_triton(density, source, target, *, box, labels, n_channels, soft_labels, sampling, bricks=None):
     from .trilinear import op
 
     lo, hi = box
@@ -66,24 +69,40 @@ def _trilinear_triton(density, source, target, *, box, labels, n_channels, soft_
 
         return naive.raymarch(
             density, source, target, sampling.phase, lo, hi, sampling.n_samples,
-            labels=labels, n_channels=n_channels, soft_labels=soft_labels,
+            labels=labels, n_channels=n_channels, soft_labels=soft_labels, bricks=bricks,
         )  # fmt: skip
     return op.raymarch(
         density, source, target, sampling.phase, lo, hi, sampling.n_samples, deterministic=sampling.deterministic,
         labels=labels, n_channels=n_channels if labels is not None else 1, soft_labels=bool(soft_labels),
+        bricks=bricks,
     )  # fmt: skip
 
 
 def _integrate_row(name: str, module: str):
-    """A row that calls ``tritondrr.renderers.<name>.<module>.integrate`` (imported on first use)."""
+    """A row that calls ``tritondrr.renderers.<name>.<module>.integrate`` (imported on first use).
 
-    def run(density, source, target, *, box, labels, n_channels, soft_labels, sampling):
+    With ``bricks`` each ray is integrated over its ``occupied_interval`` ``[ta, tb]`` only: the
+    segment from ``s + ta d`` to ``s + tb d``, times ``tb - ta``. The field and its derivatives
+    vanish outside and at the ends of that interval, so holding ``ta`` and ``tb`` fixed loses no
+    gradient term.
+    """
+
+    def run(density, source, target, *, box, labels, n_channels, soft_labels, sampling, bricks=None):
         import importlib
 
         integrate = importlib.import_module(f"{__name__}.{name}.{module}").integrate
-        return integrate(
+        scale = None
+        if bricks is not None:
+            from ..occupancy import occupied_interval
+
+            ta, tb = occupied_interval(source, target, box, bricks)  # [B, N]
+            d = target - source
+            source, target = source + ta[..., None] * d, source + tb[..., None] * d
+            scale = (tb - ta)[:, None, :]  # [B, 1, N]
+        out = integrate(
             density, source, target, labels=labels, n_channels=n_channels, soft_labels=soft_labels, box=box
         )
+        return out if scale is None else out * scale
 
     run.__name__ = f"_{name}_{module}"
     return run

@@ -86,17 +86,22 @@ def ray_order(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.argsort(key, stable=True)
 
 
-def _gather_sums(density, first, stride, n_samples: int, with_grad: bool = False):
+def _gather_sums(density, first, stride, n_samples: int, with_grad: bool = False, k_start=None):
     """sum_k f(first + k * stride) per ray with eight explicit gathers; compiled into one CPU loop.
 
     The same function as ``naive.grid_sample_sums``; under ``torch.compile`` it fuses the sample
     positions, gathers, weights and the sum, so no (R, S, 3) grid is ever written to memory.
     With ``with_grad`` it also returns, from the same gathers, ``sum_k grad f`` and
     ``sum_k k grad f`` (R, 3): the derivatives of the sum with respect to ``first`` and ``stride``.
+    With ``k_start`` (a 0-d tensor, so that compiled code does not specialise on its value) ``k``
+    runs over ``k_start .. k_start + n_samples - 1``: a part of each ray, at the same positions.
     """
     size_i, size_j, size_k = density.shape
     flat = density.reshape(-1)
-    k = torch.arange(n_samples, device=first.device, dtype=first.dtype)
+    k = torch.arange(n_samples, device=first.device, dtype=first.dtype)  # [S]
+    if k_start is not None:
+        k = k + k_start  # exact integers
+
     points = first[:, None, :] + k[None, :, None] * stride[:, None, :]  # [R, S, 3]
     base = torch.floor(points)
     frac = points - base
@@ -121,6 +126,47 @@ def _gather_sums(density, first, stride, n_samples: int, with_grad: bool = False
     return total.sum(dim=-1), grad.sum(dim=1), (k[None, :, None] * grad).sum(dim=1)
 
 
+#: Rays that share one sample range when skipping: 16 x 16 detector tiles in Morton order.
+SKIP_GROUP = 256
+
+
+def _skipping_gather_sums(density, first, stride, n_samples: int, with_grad: bool, groups):
+    """``_compiled_gather_sums`` over the part of each group of rays that ``groups`` cannot clear.
+
+    Rays come in Morton order (``raymarch``), so ``SKIP_GROUP`` consecutive rays are a compact
+    detector tile whose occupied ranges of samples nearly coincide: each group marches from the
+    first to the last run of samples (``naive.run_keep``) any of its rays may need. Every sample
+    left out is an exact zero; the positions of the others do not change.
+    """
+    keep = _compiled_run_keep(groups, first, stride, n_samples)  # [R, n_runs]
+    n_rays, n_runs = keep.shape
+    runs = torch.arange(n_runs, device=first.device)
+    begin = torch.where(keep, runs, n_runs).amin(dim=1)  # [R] first run kept (n_runs: none)
+    end = torch.where(keep, runs + 1, 0).amax(dim=1)  # [R] one past the last run kept (0: none)
+    pad = (-n_rays) % SKIP_GROUP
+    begin = torch.nn.functional.pad(begin, (0, pad), value=n_runs).view(-1, SKIP_GROUP).amin(dim=1)
+    end = torch.nn.functional.pad(end, (0, pad), value=0).view(-1, SKIP_GROUP).amax(dim=1)
+    parts = []
+    for g, (b, e) in enumerate(zip(begin.tolist(), end.tolist())):
+        rays = slice(g * SKIP_GROUP, min((g + 1) * SKIP_GROUP, n_rays))
+        k_start, k_end = b * naive.RUN, min(e * naive.RUN, n_samples)
+        if k_end <= k_start:  # nothing but empty space
+            zero = first.new_zeros(rays.stop - rays.start)
+            parts.append((zero, first.new_zeros(zero.shape + (3,)), first.new_zeros(zero.shape + (3,))) if with_grad else zero)
+            continue
+        offset = torch.tensor(float(k_start), dtype=first.dtype)
+        parts.append(_compiled_gather_sums(density, first[rays], stride[rays], k_end - k_start, with_grad, offset))
+    if not with_grad:
+        return torch.cat(parts)
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _sums(density, first, stride, n_samples, with_grad, groups):
+    if groups is None:
+        return _compiled_gather_sums(density, first, stride, n_samples, with_grad)
+    return _skipping_gather_sums(density, first, stride, n_samples, with_grad, groups)
+
+
 class _GatherSums(torch.autograd.Function):
     """The compiled sums with an analytic backward for ``first`` and ``stride`` (pose gradients).
 
@@ -130,20 +176,20 @@ class _GatherSums(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, density, first, stride, n_samples, cache):
+    def forward(ctx, density, first, stride, n_samples, cache, groups):
         ctx.n_samples = n_samples
         if cache is not None and "sums" in cache:
             sums, g_first, g_stride = cache.pop("sums")
             ctx.save_for_backward(density, first, stride, g_first, g_stride)
             return sums
         if cache is not None or first.requires_grad or stride.requires_grad:  # sums and gradients in one pass
-            sums, g_first, g_stride = _compiled_gather_sums(density, first, stride, n_samples, True)
+            sums, g_first, g_stride = _sums(density, first, stride, n_samples, True, groups)
             if cache is not None:
                 cache["sums"] = (sums, g_first, g_stride)
             ctx.save_for_backward(density, first, stride, g_first, g_stride)
             return sums
         ctx.save_for_backward(density, first, stride)
-        return _compiled_gather_sums(density, first, stride, n_samples)
+        return _sums(density, first, stride, n_samples, False, groups)
 
     @staticmethod
     def backward(ctx, grad_sums):
@@ -158,35 +204,38 @@ class _GatherSums(torch.autograd.Function):
                 dens = density.detach().requires_grad_()
                 sums = grid_sample_sums(dens, first.detach(), stride.detach(), ctx.n_samples)
                 (grad_density,) = torch.autograd.grad(sums, dens, grad_sums)
-        return grad_density, grad_first, grad_stride, None, None
-
-
+        return grad_density, grad_first, grad_stride, None, None, None
 
 
 _compiled_gather_sums = None
+_compiled_run_keep = None
 
 
-def compiled_sums(density, first, stride, n_samples, cache=None):
-    """``sum_k f(first + k stride)`` per ray by the compiled gathers (``naive.raymarch``'s ``sums``)."""
-    global _compiled_gather_sums
+def compiled_sums(density, first, stride, n_samples, cache=None, groups=None):
+    """``sum_k f(first + k stride)`` per ray by the compiled gathers (``naive.raymarch``'s ``sums``),
+    skipping the runs of samples that the occupancy ``groups`` clear when given."""
+    global _compiled_gather_sums, _compiled_run_keep
     if _compiled_gather_sums is None:
         _log.warning(
             "compiling the CPU ray marcher with torch.compile: the first renders take 10-60 s "
             "(once per process, cached on disk); set TRITONDRR_COMPILE=0 to use grid_sample instead"
         )
         _compiled_gather_sums = torch.compile(_gather_sums, dynamic=True)
-    return _GatherSums.apply(density, first, stride, n_samples, cache)
+        _compiled_run_keep = torch.compile(naive.run_keep, dynamic=True)
+    return _GatherSums.apply(density, first, stride, n_samples, cache, groups)
 
 
 compiled_sums.keeps_pose_sums = True
 
 
-def raymarch(density, source, target, phase, lo, hi, n_samples, *, labels=None, n_channels=1, soft_labels=False):
+def raymarch(
+    density, source, target, phase, lo, hi, n_samples, *, labels=None, n_channels=1, soft_labels=False, bricks=None
+):
     """``naive.raymarch`` (same arguments and result) with the CPU mechanics of the module docstring."""
     n_rays = target.shape[1]
     order = ray_order(source, target) if n_rays > 1 else torch.zeros(n_rays, dtype=torch.long, device=target.device)
     source = source if source.shape[1] == 1 else source[:, order]
-    kwargs = dict(labels=labels, n_channels=n_channels, soft_labels=soft_labels)
+    kwargs = dict(labels=labels, n_channels=n_channels, soft_labels=soft_labels, bricks=bricks)
     args = (density, source, target[:, order], phase[order], lo, hi, n_samples)
     out = None
     if _config.compile_enabled():

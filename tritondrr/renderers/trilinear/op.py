@@ -56,13 +56,18 @@ def _forward_impl(
     labels: torch.Tensor | None = None,
     n_channels: int = 1,
     soft_labels: bool = False,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return _kernels.raymarch_forward(
-        density, source, target, phase, lo, hi, n_samples, labels=labels, n_channels=n_channels, soft_labels=soft_labels
-    )
+        density, source, target, phase, lo, hi, n_samples, labels=labels, n_channels=n_channels, soft_labels=soft_labels,
+        groups=groups,
+    )  # fmt: skip
 
 
-def _forward_fake(density, source, target, phase, lo, hi, n_samples, deterministic, labels=None, n_channels=1, soft_labels=False):
+def _forward_fake(
+    density, source, target, phase, lo, hi, n_samples, deterministic, labels=None, n_channels=1, soft_labels=False,
+    groups=None,
+):  # fmt: skip
     batch, n_rays, _ = target.shape
     return target.new_empty((batch, n_channels if labels is not None else 1, n_rays))
 
@@ -90,6 +95,7 @@ def _backward_impl(
     labels: torch.Tensor | None = None,
     n_channels: int = 1,
     soft_labels: bool = False,
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_vol, grad_src, grad_tgt = _kernels.raymarch_backward(
         grad_out,
@@ -106,6 +112,7 @@ def _backward_impl(
         labels=labels,
         n_channels=n_channels,
         soft_labels=soft_labels,
+        groups=groups,
     )
     # Custom ops return tensors: empty ones stand for gradients nobody asked for.
     if grad_vol is None:
@@ -118,7 +125,7 @@ def _backward_impl(
 
 def _backward_fake(
     grad_out, density, source, target, phase, lo, hi, n_samples, need_pose, need_volume, deterministic,
-    labels=None, n_channels=1, soft_labels=False,
+    labels=None, n_channels=1, soft_labels=False, groups=None,
 ):  # fmt: skip
     grad_vol = density.new_empty(density.shape if need_volume else (0,))
     grad_src = source.new_empty(source.shape if need_pose else (0,))
@@ -130,22 +137,22 @@ _raymarch_backward_op = define_op("tritondrr::raymarch_backward", _backward_impl
 
 
 def _setup_context(ctx, inputs, output):
-    density, source, target, phase, lo, hi, n_samples, deterministic, labels, n_channels, soft_labels = inputs
-    ctx.save_for_backward(density, source, target, phase, labels)
+    density, source, target, phase, lo, hi, n_samples, deterministic, labels, n_channels, soft_labels, groups = inputs
+    ctx.save_for_backward(density, source, target, phase, labels, groups)
     ctx.config = (list(lo), list(hi), n_samples, deterministic, n_channels, soft_labels)
 
 
 def _backward(ctx, grad_out):
-    density, source, target, phase, labels = ctx.saved_tensors
+    density, source, target, phase, labels, groups = ctx.saved_tensors
     lo, hi, n_samples, deterministic, n_channels, soft_labels = ctx.config
     need_volume = ctx.needs_input_grad[0]
     need_pose = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    nones = (None,) * 8  # phase, lo, hi, n_samples, deterministic, labels, n_channels, soft_labels
+    nones = (None,) * 9  # phase, lo, hi, n_samples, deterministic, labels, n_channels, soft_labels, groups
     if not (need_volume or need_pose):
         return (None, None, None) + nones
     grad_vol, grad_src, grad_tgt = _raymarch_backward_op(
         grad_out.contiguous(), density, source, target, phase, lo, hi, n_samples, need_pose, need_volume, deterministic,
-        labels, n_channels, soft_labels,
+        labels, n_channels, soft_labels, None if need_volume else groups,
     )  # fmt: skip
     return (
         grad_vol if need_volume else None,
@@ -189,6 +196,7 @@ def raymarch(
     labels: torch.Tensor | None = None,
     n_channels: int = 1,
     soft_labels: bool = False,
+    bricks=None,
 ) -> torch.Tensor:
     """Integral of the density along rays (``naive.raymarch``), in Triton: ``g`` of docs/sampling.md.
 
@@ -215,6 +223,9 @@ def raymarch(
         soft_labels: with ``labels``, route each of a point's 8 trilinear corner weights to that
             corner's label channel (channel c is the plain integral of ``density * (labels == c)``;
             labels outside ``[0, n_channels)`` go nowhere).
+        bricks: optional ``tritondrr.occupancy.Bricks`` of ``density`` (on its device): runs of
+            samples in empty space load nothing (same result). Ignored while ``density``
+            requires grad: the volume gradient is non-zero in empty space too.
 
     Returns:
         (B, C, N) in the rays' dtype (C = 1 without labels), differentiable with respect to
@@ -246,9 +257,17 @@ def raymarch(
         density = density.contiguous()
     # Rays are O(B N): making them contiguous is cheap.
     phase = phase.detach().to(target.dtype).contiguous()
+    groups = None
+    if bricks is not None and not (density.requires_grad and torch.is_grad_enabled()):
+        groups = bricks.groups
+        if groups.device != density.device or groups.dtype != torch.uint8 or groups.dim() != 3:
+            raise ValueError(
+                f"bricks.groups must be a 3-d uint8 tensor on {density.device}, got {groups.dtype} "
+                f"{tuple(groups.shape)} on {groups.device}"
+            )
     return _raymarch_op(
         density, source.contiguous(), target.contiguous(), phase, lo_f, hi_f, n_samples, deterministic,
-        labels, n_channels, bool(soft_labels),
+        labels, n_channels, bool(soft_labels), groups,
     )  # fmt: skip
 
 
