@@ -168,10 +168,15 @@ def _raymarch_fwd_kernel(
     hi1,
     hi2,
     n_samples,
+    groups_ptr,  # SKIP: (G0, G1, G2) uint8 occupancy groups (tritondrr.occupancy)
+    groups_n0,
+    groups_n1,
+    groups_n2,
     N_CHANNELS: tl.constexpr,
     SOFT_LABELS: tl.constexpr,
     POOL: tl.constexpr,
     INT64: tl.constexpr,
+    SKIP: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -192,13 +197,16 @@ def _raymarch_fwd_kernel(
         acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
     else:
         acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=CDT)  # per-channel sums
+    groups = (groups_ptr, groups_n0, groups_n1, groups_n2)
     for start in range(0, n_samples, BLOCK_S):
         x, y, z, _u, m = _sample_points(ray, start, n_samples, hit, BLOCK_S, CDT)  # [BLOCK_R, BLOCK_S]
-        cell = _grid_cells(x, y, z, m, grid, INT64)
-        if N_CHANNELS == 1:
-            acc += _cell_value(vol_ptr, cell, grid, CDT)
-        else:
-            acc = _channel_sums(acc, vol_ptr, labels_ptr, x, y, z, m, cell, grid, 1.0, N_CHANNELS, SOFT_LABELS, BLOCK_C, INT64, CDT)
+        m, work = _skip_empty(m, groups, ray, start, n_samples, SKIP, BLOCK_S)
+        if work:  # some ray's run of samples may be non-zero (always, without SKIP)
+            cell = _grid_cells(x, y, z, m, grid, INT64)
+            if N_CHANNELS == 1:
+                acc += _cell_value(vol_ptr, cell, grid, CDT)
+            else:
+                acc = _channel_sums(acc, vol_ptr, labels_ptr, x, y, z, m, cell, grid, 1.0, N_CHANNELS, SOFT_LABELS, BLOCK_C, INT64, CDT)
 
     # End correction: -(phase - 1/2) (f(p_1end) - f(p_0end)), both ends as one [BLOCK_R, 2] block.
     x, y, z, _ue, me, we = _end_points(ray, hit)
@@ -244,6 +252,10 @@ def _raymarch_bwd_kernel(
     hi1,
     hi2,
     n_samples,
+    groups_ptr,  # SKIP (pose gradients only): occupancy groups, as in the forward
+    groups_n0,
+    groups_n1,
+    groups_n2,
     NEED_POSE_GRAD: tl.constexpr,
     NEED_VOLUME_GRAD: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
@@ -251,6 +263,7 @@ def _raymarch_bwd_kernel(
     SOFT_LABELS: tl.constexpr,
     POOL: tl.constexpr,
     INT64: tl.constexpr,
+    SKIP: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
@@ -280,22 +293,25 @@ def _raymarch_bwd_kernel(
     acc_f = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)  # sums of f, grad f and u grad f over the samples
     acc_gx, acc_gy, acc_gz = tl.zeros_like(acc_f), tl.zeros_like(acc_f), tl.zeros_like(acc_f)
     acc_ux, acc_uy, acc_uz = tl.zeros_like(acc_f), tl.zeros_like(acc_f), tl.zeros_like(acc_f)
+    groups = (groups_ptr, groups_n0, groups_n1, groups_n2)
     for start in range(0, n_samples, BLOCK_S):
         x, y, z, u, m = _sample_points(ray, start, n_samples, live, BLOCK_S, CDT)  # [BLOCK_R, BLOCK_S]
-        cell = _grid_cells(x, y, z, m, grid, INT64)
-        sig = _point_weights(labels_ptr, gout_ptr, rays, n_rays, x, y, z, m, cell, grid, N_CHANNELS, SOFT_LABELS, INT64)
-        if NEED_POSE_GRAD:
-            f, gx, gy, gz = _weighted_value_grad(vol_ptr, cell, sig, grid, N_CHANNELS, SOFT_LABELS, CDT)
-            acc_f += f
-            acc_gx += gx
-            acc_gy += gy
-            acc_gz += gz
-            acc_ux += u * gx
-            acc_uy += u * gy
-            acc_uz += u * gz
-        if NEED_VOLUME_GRAD:  # adjoint of the 8 loads: the same offsets, masks and weights, times w L / S
-            a = tl.broadcast_to(wscale[:, None], [BLOCK_R, BLOCK_S])
-            _weighted_scatter(grad_vol_ptr, cell, a, sig, hit[:, None], grid, fixed, N_CHANNELS, SOFT_LABELS, DETERMINISTIC)
+        m, work = _skip_empty(m, groups, ray, start, n_samples, SKIP, BLOCK_S)
+        if work:
+            cell = _grid_cells(x, y, z, m, grid, INT64)
+            sig = _point_weights(labels_ptr, gout_ptr, rays, n_rays, x, y, z, m, cell, grid, N_CHANNELS, SOFT_LABELS, INT64)
+            if NEED_POSE_GRAD:
+                f, gx, gy, gz = _weighted_value_grad(vol_ptr, cell, sig, grid, N_CHANNELS, SOFT_LABELS, CDT)
+                acc_f += f
+                acc_gx += gx
+                acc_gy += gy
+                acc_gz += gz
+                acc_ux += u * gx
+                acc_uy += u * gy
+                acc_uz += u * gz
+            if NEED_VOLUME_GRAD:  # adjoint of the 8 loads: the same offsets, masks and weights, times w L / S
+                a = tl.broadcast_to(wscale[:, None], [BLOCK_R, BLOCK_S])
+                _weighted_scatter(grad_vol_ptr, cell, a, sig, hit[:, None], grid, fixed, N_CHANNELS, SOFT_LABELS, DETERMINISTIC)
 
     # End correction: the two end points as weighted samples (weights +c at u = 0, -c at u = 1).
     # Only rays with L > 0 need them: for L = 0 the correction vanishes with its derivatives.
@@ -319,6 +335,40 @@ def _raymarch_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Kernel-side helpers of the trilinear rule (shared ones are in _common.py)
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _skip_empty(m, groups, ray, start, n_samples, SKIP: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Empty-space skipping (tritondrr.occupancy): the sample mask without the runs that are exact
+    zeros, and whether any sample of the block is left. The run of a ray is its BLOCK_S samples
+    of this block (BLOCK_S <= occupancy.BRICK: the launcher's job); the test looks at the
+    segment from its first to its last sample. Masked loads move no memory; a block with nothing
+    left skips its loads and arithmetic altogether. Without SKIP: (m, True), compiled away."""
+    if SKIP:
+        groups_ptr, n0, n1, n2 = groups
+        sx, sy, sz, dx, dy, dz, phase, t0s, length = ray
+        first = (start + tl.zeros_like(phase).to(tl.int32)).to(phase.dtype)  # [BLOCK_R]
+        last = tl.minimum(first + (BLOCK_S - 1), (n_samples - 1) * 1.0)
+        ta = t0s + length * ((first + phase) / n_samples)
+        tb = t0s + length * ((last + phase) / n_samples)
+        gx, near_x = _brick_pair(sx + ta * dx, sx + tb * dx, n0)
+        gy, near_y = _brick_pair(sy + ta * dy, sy + tb * dy, n1)
+        gz, near_z = _brick_pair(sz + ta * dz, sz + tb * dz, n2)
+        occupied = tl.load(groups_ptr + (gx * n1 + gy) * n2 + gz, mask=near_x & near_y & near_z, other=1)
+        keep = (occupied != 0) & (tl.max(m.to(tl.int32), axis=1) > 0)  # [BLOCK_R]
+        return m & keep[:, None], tl.max(keep.to(tl.int32), axis=0) > 0
+    else:
+        return m, True
+
+
+@triton.jit
+def _brick_pair(p, q, n_groups):
+    """Group index along one axis of the bricks of p and q ([BLOCK_R] coordinates), and whether
+    they are at most one brick apart (occupancy.may_be_nonzero, per axis)."""
+    bp = tl.floor(tl.minimum(tl.maximum((p + 1.0) * 0.125, -2.0), 1e6))  # 0.125 = 1 / occupancy.BRICK
+    bq = tl.floor(tl.minimum(tl.maximum((q + 1.0) * 0.125, -2.0), 1e6))
+    g = tl.minimum(tl.maximum(tl.minimum(bp, bq) + 1.0, 0.0), (n_groups - 1) * 1.0)
+    return g.to(tl.int32), tl.abs(bp - bq) <= 1.0
 
 
 @triton.jit
@@ -573,6 +623,7 @@ def raymarch_forward(
     n_channels: int = 1,
     soft_labels: bool = False,
     pool: Pool | None = None,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the forward kernel. Inputs must already be validated and contiguous (``tritondrr.ops``).
 
@@ -592,6 +643,9 @@ def raymarch_forward(
             each point to its nearest voxel's label's channel.
         pool: one volume per pose (``Pool``): ``density`` (and ``labels``) are then the flat
             packed buffers, and ``lo``, ``hi`` and ``n_samples`` are read per pose from the pool.
+        groups: optional ``tritondrr.occupancy.Bricks.groups`` of ``density`` on its device
+            (``occupancy.BRICK`` must be 8): skip runs of samples in empty space (same result;
+            not with a pool). Blocks are then at most 8 samples long.
 
     Returns:
         (B, C, N) in the rays' dtype.
@@ -603,15 +657,24 @@ def raymarch_forward(
     if batch == 0 or n_rays == 0:
         return out
     br, bs, warps = launch_config(n_rays, pool.max_samples if pool is not None else n_samples)
+    skip_args, skip = _skip_args(groups, pool, density)
+    bs = min(bs, 8) if skip else bs  # a block of samples is one run of the skipping test
     br, bs = block_r or br, block_s or bs
     args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels, pool)
     grid = (triton.cdiv(n_rays, br), batch)
     wrap_launch(_raymarch_fwd_kernel)[grid](
-        density, labels if labels is not None else density, source, target, phase, out, *args,
-        **_channel_flags(n_channels, soft_labels), POOL=pool is not None, INT64=int64, BLOCK_R=br, BLOCK_S=bs,
-        BLOCK_C=_block_c(n_channels), num_warps=warps,
+        density, labels if labels is not None else density, source, target, phase, out, *args, *skip_args,
+        **_channel_flags(n_channels, soft_labels), POOL=pool is not None, INT64=int64, SKIP=skip, BLOCK_R=br,
+        BLOCK_S=bs, BLOCK_C=_block_c(n_channels), num_warps=warps,
     )  # fmt: skip
     return out
+
+
+def _skip_args(groups, pool, fallback: torch.Tensor) -> tuple[tuple, bool]:
+    """The kernels' occupancy arguments and SKIP flag (no skipping for pools or without groups)."""
+    if groups is None or pool is not None:
+        return (fallback, 1, 1, 1), False
+    return (groups, *groups.shape), True
 
 
 def _channel_flags(n_channels: int, soft_labels: bool) -> dict:
@@ -655,11 +718,13 @@ def raymarch_backward(
     n_channels: int = 1,
     soft_labels: bool = False,
     pool: Pool | None = None,
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward kernel: ``(grad_density, grad_source, grad_target)``, None where not asked.
 
     ``grad_out`` is (B, C, N) contiguous; ``phase``, ``labels``, ``n_channels``, ``soft_labels`` and
     ``pool`` as in ``raymarch_forward`` (with a pool, ``grad_density`` is the flat pool's gradient).
+    ``groups`` skips empty space for the pose gradient only (the volume gradient is non-zero there).
     ``grad_source`` has ``source``'s shape (per-ray source gradients are summed over rays for a
     shared source, deterministically). ``grad_density`` has ``density``'s dtype; it is accumulated
     in fp32 (fp64 for fp64 volumes) with float atomics, or in 64-bit fixed point when
@@ -682,6 +747,8 @@ def raymarch_backward(
             grad_vol = torch.zeros(density.shape, device=dev, dtype=acc_dtype)
     if (need_pose or need_volume) and batch > 0 and n_rays > 0:
         br, bs, warps = launch_config(n_rays, pool.max_samples if pool is not None else n_samples, backward=True)
+        skip_args, skip = _skip_args(None if need_volume else groups, pool, density)
+        bs = min(bs, 8) if skip else bs
         br, bs = block_r or br, block_s or bs
         args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels, pool)
         grid = (triton.cdiv(n_rays, br), batch)
@@ -698,12 +765,14 @@ def raymarch_backward(
             grad_vol if need_volume else dummy,
             scale if scale is not None else dummy,
             *args,
+            *skip_args,
             NEED_POSE_GRAD=need_pose,
             NEED_VOLUME_GRAD=need_volume,
             DETERMINISTIC=deterministic and need_volume,
             **_channel_flags(n_channels, soft_labels),
             POOL=pool is not None,
             INT64=int64,
+            SKIP=skip,
             BLOCK_R=br,
             BLOCK_S=bs,
             num_warps=warps,

@@ -60,12 +60,23 @@ def _scalars(int_type: str, ones: tuple[str, ...]) -> tuple[dict, dict]:
     return sig, const
 
 
+def _skip(vol: str, skip: bool) -> tuple[dict, dict]:
+    """Signature of the occupancy arguments: the groups (uint8) and their shape with SKIP; without,
+    the launcher passes the volume and three 1s (constexpr 1 on a GPU)."""
+    if skip:
+        return {"groups_ptr": "*u8", "groups_n0": "i32", "groups_n1": "i32", "groups_n2": "i32"}, {}
+    sig = {"groups_ptr": _PTR[vol], "groups_n0": "constexpr", "groups_n1": "constexpr", "groups_n2": "constexpr"}
+    return sig, {"groups_n0": 1, "groups_n1": 1, "groups_n2": 1}
+
+
 def _channels(channels: int, soft: bool) -> dict:
     """Constexprs of the labelmap channels (C = 1: the plain kernel)."""
     return dict(N_CHANNELS=channels, SOFT_LABELS=soft)
 
 
-def _forward(vol: str, rays: str, int64: bool, ones=(), block_r=64, block_s=32, channels=1, soft=False, pool=False):
+def _forward(
+    vol: str, rays: str, int64: bool, ones=(), block_r=64, block_s=32, channels=1, soft=False, pool=False, skip=False
+):
     sig = {
         "vol_ptr": _PTR[vol],
         "labels_ptr": "*i64",
@@ -78,10 +89,14 @@ def _forward(vol: str, rays: str, int64: bool, ones=(), block_r=64, block_s=32, 
     }
     scal, const = _scalars("i64" if int64 else "i32", ones)
     sig.update(scal)
+    skip_sig, skip_const = _skip(vol, skip)
+    sig.update(skip_sig)
+    const.update(skip_const)
     flags = dict(
         **_channels(channels, soft),
         POOL=pool,
         INT64=int64,
+        SKIP=skip,
         BLOCK_R=block_r,
         BLOCK_S=block_s,
         BLOCK_C=triton.next_power_of_2(channels),
@@ -91,7 +106,9 @@ def _forward(vol: str, rays: str, int64: bool, ones=(), block_r=64, block_s=32, 
     return _raymarch_fwd_kernel, sig, const
 
 
-def _backward(vol, rays, int64, pose, volume, det, ones=(), block_r=32, block_s=32, channels=1, soft=False, pool=False):
+def _backward(
+    vol, rays, int64, pose, volume, det, ones=(), block_r=32, block_s=32, channels=1, soft=False, pool=False, skip=False
+):
     acc = "i64" if det else ("fp64" if vol == "fp64" else "fp32")
     sig = {
         "vol_ptr": _PTR[vol],
@@ -109,6 +126,9 @@ def _backward(vol, rays, int64, pose, volume, det, ones=(), block_r=32, block_s=
     }
     scal, const = _scalars("i64" if int64 else "i32", ones)
     sig.update(scal)
+    skip_sig, skip_const = _skip(vol, skip)
+    sig.update(skip_sig)
+    const.update(skip_const)
     flags = dict(
         NEED_POSE_GRAD=pose,
         NEED_VOLUME_GRAD=volume,
@@ -116,6 +136,7 @@ def _backward(vol, rays, int64, pose, volume, det, ones=(), block_r=32, block_s=
         **_channels(channels, soft),
         POOL=pool,
         INT64=int64,
+        SKIP=skip,
         BLOCK_R=block_r,
         BLOCK_S=block_s,
     )
@@ -175,6 +196,16 @@ def specialisations() -> dict:
     specs["fwd-pool-soft-c5-fp32-i32"] = _forward("fp32", "fp32", False, ones=pool_ones, channels=5, soft=True, pool=True)
     specs["bwd-pool-hard-c5-pose1-vol1-det0-fp32-i32"] = _backward(
         "fp32", "fp32", False, True, True, False, ones=pool_ones, channels=5, pool=True
+    )
+    # Empty-space skipping (blocks of 8 samples: one run of the occupancy test), pose gradients only.
+    specs["fwd-skip-fp32-i32"] = _forward("fp32", "fp32", False, block_s=8, skip=True)
+    specs["fwd-skip-bf16-i64"] = _forward("bf16", "fp32", True, block_s=8, skip=True)
+    specs["fwd-skip-hard-c5-fp32-i32"] = _forward("fp32", "fp32", False, block_s=8, channels=5, skip=True)
+    specs["fwd-skip-soft-c5-fp32-i32"] = _forward("fp32", "fp32", False, block_s=8, channels=5, soft=True, skip=True)
+    specs["bwd-skip-pose1-vol0-det0-fp32-i32"] = _backward("fp32", "fp32", False, True, False, False, block_s=8, skip=True)
+    specs["bwd-skip-pose1-vol0-det0-fp32-i64"] = _backward("fp32", "fp32", True, True, False, False, block_s=8, skip=True)
+    specs["bwd-skip-soft-c5-pose1-vol0-det0-fp32-i32"] = _backward(
+        "fp32", "fp32", False, True, False, False, block_s=8, channels=5, soft=True, skip=True
     )
     return specs
 
