@@ -246,8 +246,8 @@ def test_image_does_not_depend_on_the_marching_order():
     kwargs = dict(parameterization="euler_angles", convention="ZXY")
     img = drr(SEED_ROT, SEED_XYZ, **kwargs)
     source, target = drr.source_target(SEED_ROT, SEED_XYZ, **kwargs)
-    box = drr._current_volume().box()
-    row_major = render(drr.density, drr._affine[0], source, target, n_samples=drr.n_samples, box=box)
+    box, bricks = drr._current_volume().box(), drr._current_volume().bricks()
+    row_major = render(drr.density, drr._affine[0], source, target, n_samples=drr.n_samples, box=box, bricks=bricks)
     assert torch.equal(img.reshape(1, 1, -1), row_major)
 
 
