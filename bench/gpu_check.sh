@@ -10,20 +10,21 @@
 #   kernels.json    bench/bench_kernels.py (do_bench medians, launch-configuration grid, gather ceiling)
 #   drr.json        the DRR suite, BENCH_PROFILE=gpu (pytest-benchmark JSON, peers side by side)
 #   accuracy.json   bench/accuracy.py, same profile
+#   skipping.json   bench/skipping.py: every renderer with empty-space skipping on and off
 # Then, where the files come back: python bench/gpu_ingest.py FILES_DIR.
 #
 # Each stage runs under `timeout` with its own budget (seconds; environment overrides below),
 # interrupted with SIGINT first (pytest then still writes its JSON), killed 10 s later; the next
-# stage runs whatever happened. Budgets sum to 415 s, 465 s if every stage needs its 10 s of
+# stage runs whatever happened. Budgets sum to 415 s, 475 s if every stage needs its 10 s of
 # grace: under 8 min.
-#   GPU_CHECK_BUDGET_SETUP=35 _TESTS=65 _KERNELS=110 _DRR=165 _ACCURACY=40
+#   GPU_CHECK_BUDGET_SETUP=35 _TESTS=65 _KERNELS=100 _DRR=150 _ACCURACY=35 _SKIPPING=30
 # The dry run (--dry-run) does every stage on CPU with tiny sizes under TRITON_INTERPRET=1 and
 # installs nothing (PYTHONPATH=repository): on the GPU the only unknown is the GPU.
 # Other variables: PYTHON (python3), PEERS_DIR (.peers; "none" runs without peers),
 # GPU_CHECK_REVISION (file with `git describe --always --dirty` and the commit; default
 # $PEERS_DIR/REVISION, written by `make gpu-prepare`; git itself is used where the tree is a checkout),
 # GPU_CHECK_PYTEST_ARGS (replaces the CUDA tests' selection), GPU_CHECK_STAGES (default
-# "setup tests kernels drr accuracy").
+# "setup tests kernels drr accuracy skipping").
 set -uo pipefail
 
 dry=${GPU_CHECK_DRY_RUN:-0}
@@ -38,7 +39,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo" || exit 2
 PY=${PYTHON:-python3}
 peers=${PEERS_DIR:-.peers}
-stages=${GPU_CHECK_STAGES:-setup tests kernels drr accuracy}
+stages=${GPU_CHECK_STAGES:-setup tests kernels drr accuracy skipping}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 exec > >(tee -a "$out/gpu_check.log") 2>&1
@@ -49,11 +50,13 @@ if [ "$dry" = 1 ]; then
     device=cpu
     profile=dry
     kernel_size=dry
+    skip_size=dry
 else
     export TRITON_INTERPRET=0
     device=cuda
     profile=gpu
     kernel_size=gpu
+    skip_size=gpu
 fi
 : > "$work/stages.tsv"
 t_start=$(date +%s)
@@ -140,17 +143,21 @@ stage tests "${GPU_CHECK_BUDGET_TESTS:-65}" "$PY" -m pytest "${test_args[@]}" --
     -p no:cacheprovider --durations=10 --junitxml="$out/tests.xml"
 
 # -- kernel-level benchmark ----------------------------------------------------------------------
-stage kernels "${GPU_CHECK_BUDGET_KERNELS:-110}" "$PY" bench/bench_kernels.py --size "$kernel_size" \
+stage kernels "${GPU_CHECK_BUDGET_KERNELS:-100}" "$PY" bench/bench_kernels.py --size "$kernel_size" \
     --device "$device" --out "$out/kernels.json"
 
 # -- the DRR suite, peers side by side ------------------------------------------------------------
-stage drr "${GPU_CHECK_BUDGET_DRR:-165}" env BENCH_PROFILE="$profile" "$PY" -m pytest bench/test_bench.py \
+stage drr "${GPU_CHECK_BUDGET_DRR:-150}" env BENCH_PROFILE="$profile" "$PY" -m pytest bench/test_bench.py \
     --bench-device "$device" -q -p no:cacheprovider --benchmark-json="$out/drr.json" \
     --benchmark-columns=median,min,max,rounds --benchmark-sort=name
 
 # -- accuracy against the exact integral, apart from the timings -------------------------------
-stage accuracy "${GPU_CHECK_BUDGET_ACCURACY:-40}" env BENCH_PROFILE="$profile" "$PY" bench/accuracy.py \
+stage accuracy "${GPU_CHECK_BUDGET_ACCURACY:-35}" env BENCH_PROFILE="$profile" "$PY" bench/accuracy.py \
     --device "$device" --json "$out/accuracy.json"
+
+# -- what empty-space skipping gains, every renderer, on and off in the same run -----------------
+stage skipping "${GPU_CHECK_BUDGET_SKIPPING:-30}" "$PY" bench/skipping.py --device "$device" --size "$skip_size" \
+    --json "$out/skipping.json"
 
 # -- env.json: what ran where, and how each stage ended ------------------------------------------
 GPU_CHECK_WORK=$work GPU_CHECK_OUT=$out GPU_CHECK_DRY=$dry GPU_CHECK_T0=$t_start "$PY" - <<'PY'

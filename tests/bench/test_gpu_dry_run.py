@@ -20,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 INGEST = REPO / "bench" / "gpu_ingest.py"
-FILES = {"gpu_check.log", "env.json", "tests.xml", "kernels.json", "drr.json", "accuracy.json"}
+FILES = {"gpu_check.log", "env.json", "tests.xml", "kernels.json", "drr.json", "accuracy.json", "skipping.json"}
 
 
 def _env():
@@ -52,12 +52,12 @@ def test_every_stage_runs_and_writes_at_most_eight_flat_files(dry_run):
     assert all((out / n).is_file() for n in names)
     env = _json(out / "env.json")
     assert env["dry_run"] is True
-    assert [s["name"] for s in env["stages"]] == ["setup", "tests", "kernels", "drr", "accuracy"]
+    assert [s["name"] for s in env["stages"]] == ["setup", "tests", "kernels", "drr", "accuracy", "skipping"]
     assert all(s["status"] == "ok" for s in env["stages"]), env["stages"]
     assert sum(s["budget_s"] for s in env["stages"]) < 8 * 60
     assert env["peers"] == "absent"
     # The summary table is the last thing printed: the device tool returns the end of the output.
-    assert "accuracy   ok" in done.stdout
+    assert "accuracy   ok" in done.stdout and "skipping   ok" in done.stdout
 
 
 def test_kernel_benchmark_covers_every_renderer_and_configurations_agree(dry_run):
@@ -114,7 +114,10 @@ def test_ingest_writes_results_and_the_readme_section(dry_run, tmp_path):
     names = set(os.listdir(results))
     slug = next(n for n in names if n.endswith("-gpu-check.json")).removesuffix("-gpu-check.json")
     assert slug.startswith("dryrun-")  # a dry run never takes a real device's file names
-    for suffix in (".json", ".md", "-accuracy.json", "-kernels.json", "-kernels.md", "-gpu-check.json", "-gpu-check.log"):
+    for suffix in (
+        ".json", ".md", "-accuracy.json", "-kernels.json", "-kernels.md", "-gpu-check.json", "-gpu-check.log",
+        "-skipping.json", "-skipping.md",
+    ):  # fmt: skip
         assert slug + suffix in names, names
     check = _json(results / f"{slug}-gpu-check.json")
     assert check["tests"]["tests"] >= 1 and check["tests"]["failures"] == 0
@@ -137,3 +140,14 @@ def test_ingest_refuses_a_dirty_or_unknown_revision(dry_run, tmp_path, dirty):
     done = _ingest(files, tmp_path / "results", readme)
     assert done.returncode == 2 and "refusing" in done.stderr
     assert not (tmp_path / "results").exists()  # nothing written
+
+
+def test_skipping_stage_measures_every_renderer_on_and_off(dry_run):
+    out, _ = dry_run
+    skipping = _json(out / "skipping.json")
+    assert {r["impl"] for r in skipping["rows"]} == {"tritondrr", "tritondrr-siddon", "tritondrr-exact"}
+    for row in skipping["rows"]:
+        assert row["forward_on_s"] > 0 and row["pose_backward_off_s"] > 0
+        # Skipping must not change the image beyond float32 rounding (2.3e-7 measured on the phantom).
+        assert row["max_rel_diff"] < 1e-5
+        assert 0 < row["occupied_bricks"] < 1  # the phantom has air to skip
