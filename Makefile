@@ -10,6 +10,7 @@
 #   make bench-peers      only the install;   make bench-run   only the run and the report
 #   make bench-report     only the report, from every bench/results/<slug>.json
 #   make bench-gradients  pose-gradient accuracy of every renderer against the exact gradient
+#   make bench-skipping   every renderer with empty-space skipping on and off (bench/results/<slug>-skipping.*)
 #   make bench-sass       SASS instructions per sample of every kernel, sm_90, no GPU needed
 #                         (bench/results/sass-sm90.md and .json)
 #   make bench-wheels     (machine with a registry) download the peers' wheels into .peers/
@@ -38,10 +39,10 @@ PYTEST_BENCH = $(PEERS_PATH) $(PYTHON) -m pytest bench --bench-device $(DEVICE) 
 TORCH_VERSION = $(shell $(PYTHON) -c "import torch; print(torch.__version__)" 2>/dev/null)
 TORCH_PIN = -c <(echo torch==$(TORCH_VERSION))
 # The results files of bench/results (their companions -accuracy, -kernels, ... are read beside them).
-RESULTS = $(filter-out %-accuracy.json %-kernels.json %-gradients.json %-gpu-check.json %-quick.json %-generation.json %-generation-compiled.json %-generation-omp1.json bench/results/sass-% bench/results/registration-%,$(wildcard bench/results/*.json))
+RESULTS = $(filter-out %-accuracy.json %-kernels.json %-gradients.json %-gpu-check.json %-skipping.json %-quick.json %-generation.json %-generation-compiled.json %-generation-omp1.json bench/results/sass-% bench/results/registration-%,$(wildcard bench/results/*.json))
 
 .PHONY: test bench bench-peers bench-run bench-quick bench-report bench-wheels bench-offline bench-gradients \
-	bench-sass gpu-prepare gpu-dry-run gpu-ingest
+	bench-sass bench-skipping gpu-prepare gpu-dry-run gpu-ingest
 
 bench: bench-peers bench-run
 
@@ -70,10 +71,14 @@ bench-run:
 	BENCH_PROFILE=$(PROFILE) $(PYTEST_BENCH) --benchmark-json=bench/results/$(SLUG).json
 	BENCH_PROFILE=$(PROFILE) $(PEERS_PATH) $(PYTHON) bench/accuracy.py --device $(DEVICE)
 	$(PEERS_PATH) $(PYTHON) bench/gradients.py --device $(DEVICE)
+	$(PYTHON) bench/skipping.py --device $(DEVICE)
 	$(PYTHON) bench/report.py bench/results/$(SLUG).json
 
 bench-gradients:
 	$(PEERS_PATH) $(PYTHON) bench/gradients.py --device $(DEVICE)
+
+bench-skipping:
+	$(PYTHON) bench/skipping.py --device $(DEVICE)
 
 bench-quick:
 	@mkdir -p .benchmarks
