@@ -13,6 +13,10 @@ Same function as ``naive.py`` (it reuses its chunked machinery); three mechanics
 - **Ray order** (``ray_order``): rays are marched in Morton (Z-curve) order of their
   directions, so consecutive rays are neighbours in both detector directions and gather from
   the same cache lines, whatever the pose or pixel subset; results come back in input order.
+
+With the volume's bricks (``tritondrr.occupancy``) each tile of 256 rays (16 x 16 pixels in
+Morton order) marches only the range of samples that any of its rays may need: the same samples
+at the same positions, bitwise the same sums.
 """
 
 from __future__ import annotations
@@ -101,7 +105,6 @@ def _gather_sums(density, first, stride, n_samples: int, with_grad: bool = False
     k = torch.arange(n_samples, device=first.device, dtype=first.dtype)  # [S]
     if k_start is not None:
         k = k + k_start  # exact integers
-
     points = first[:, None, :] + k[None, :, None] * stride[:, None, :]  # [R, S, 3]
     base = torch.floor(points)
     frac = points - base
