@@ -27,18 +27,16 @@ def _clip_axis(s, e, lo, hi):
 
 @triton.jit
 def _cell(x, n, INT64: tl.constexpr):
-    """Cell of coordinate x [R, S] on an axis of n voxels: base index, fraction, corner masks."""
-    # Clamping to [-2, n + 1] changes nothing inside the support (beyond it every corner is
-    # masked) and keeps the float -> int conversion in range for rays far outside the volume.
-    x = tl.minimum(tl.maximum(x, -2.0), n + 1.0)
+    """Cell of coordinate x [R, S] on an axis of n voxels: base index (int32), fraction, corner masks."""
     fl = tl.floor(x)
     frac = x - fl
-    if INT64:
-        i0 = fl.to(tl.int64)
-    else:
-        i0 = fl.to(tl.int32)
-    m0 = (i0 >= 0) & (i0 < n)  # corner i0 inside the grid
-    m1 = (i0 >= -1) & (i0 < n - 1)  # corner i0 + 1 inside the grid
+    # int32 whatever INT64 (an axis has < 2^31 voxels; only the flat offset needs 64 bits). Far
+    # outside the support the conversion saturates (GPU) or gives INT_MIN (interpreter): both
+    # corners then fail their masks, which is all such points need.
+    i0 = fl.to(tl.int32)
+    # Corner c is inside [0, n) iff c as uint32 is below n: one compare instead of two.
+    m0 = i0.to(tl.uint32, bitcast=True) < n  # corner i0 inside the grid
+    m1 = (i0 + 1).to(tl.uint32, bitcast=True) < n  # corner i0 + 1 inside the grid
     return i0, frac, m0, m1
 
 
@@ -53,7 +51,10 @@ def _corners(x, y, z, m, size_i, size_j, size_k, stride_i, stride_j, INT64: tl.c
     ix, fx, mi0, mi1 = _cell(x, size_i, INT64)
     iy, fy, mj0, mj1 = _cell(y, size_j, INT64)
     iz, fz, mk0, mk1 = _cell(z, size_k, INT64)
-    off = ix * stride_i + iy * stride_j + iz  # [R, S]
+    if INT64:
+        off = ix.to(tl.int64) * stride_i + iy.to(tl.int64) * stride_j + iz  # [R, S]
+    else:
+        off = ix * stride_i + iy * stride_j + iz  # [R, S]
     m00 = m & mj0 & mk0
     m01 = m & mj0 & mk1
     m10 = m & mj1 & mk0
