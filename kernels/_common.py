@@ -34,7 +34,10 @@ def _cell(x, n, INT64: tl.constexpr):
     # outside the support the conversion saturates (GPU) or gives INT_MIN (interpreter): both
     # corners then fail their masks, which is all such points need.
     i0 = fl.to(tl.int32)
-    # Corner c is inside [0, n) iff c as uint32 is below n: one compare instead of two.
+    # Corner c is inside [0, n) iff c as uint32 is below n: one 32-bit compare instead of two
+    # (n as int32 also with INT64, where it arrives as int64; the clamp is loop-invariant).
+    if INT64:
+        n = tl.minimum(n, 2147483647).to(tl.int32)
     m0 = i0.to(tl.uint32, bitcast=True) < n  # corner i0 inside the grid
     m1 = (i0 + 1).to(tl.uint32, bitcast=True) < n  # corner i0 + 1 inside the grid
     return i0, frac, m0, m1
@@ -291,10 +294,18 @@ def _sample_points(ray, start, n_samples, live, BLOCK_S: tl.constexpr, CDT: tl.c
     """Samples ``start .. start + BLOCK_S`` of each ray: points (x, y, z), u and mask. Each [R, S]."""
     sx, sy, sz, dx, dy, dz, phase, t0s, length = ray
     k = start + tl.arange(0, BLOCK_S)  # [BLOCK_S]
-    u = (k.to(CDT)[None, :] + phase[:, None]) / n_samples  # [BLOCK_R, BLOCK_S]
-    t = t0s[:, None] + length[:, None] * u
+    kf = k.to(CDT)[None, :]  # [1, BLOCK_S]
+    # Sample k sits at first + k stride (as the reference computes it): one FMA per coordinate and
+    # sample; first and stride are per ray, so the compiler hoists them out of the sample loop.
+    h = length / n_samples  # [BLOCK_R]
+    t_first = t0s + phase * h
+    inv_n = 1.0 / tl.cast(n_samples, CDT)  # in CDT (1.0 / n_samples would be fp32)
+    u = kf * inv_n + (phase * inv_n)[:, None]  # (k + phase) / S, [BLOCK_R, BLOCK_S]
+    x = kf * (h * dx)[:, None] + (sx + t_first * dx)[:, None]
+    y = kf * (h * dy)[:, None] + (sy + t_first * dy)[:, None]
+    z = kf * (h * dz)[:, None] + (sz + t_first * dz)[:, None]
     m = live[:, None] & (k < n_samples)[None, :]
-    return sx[:, None] + t * dx[:, None], sy[:, None] + t * dy[:, None], sz[:, None] + t * dz[:, None], u, m
+    return x, y, z, u, m
 
 
 @triton.jit
@@ -389,16 +400,12 @@ def _clip_grad(clip, t0, t1):
 def _round_half_even(x, n, INT64: tl.constexpr):
     """Nearest integer of x [R, S] (ties to even, as torch.round and grid_sample's nearest mode)
     and whether it indexes one of the n voxels."""
-    x = tl.minimum(tl.maximum(x, -2.0), n + 1.0)  # as in _cell: the predicate is unchanged
     fl = tl.floor(x)
     frac = x - fl  # exact
     odd = (fl - 2.0 * tl.floor(fl * 0.5)) == 1.0
     r = fl + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
-    if INT64:
-        i = r.to(tl.int64)
-    else:
-        i = r.to(tl.int32)
-    return i, (i >= 0) & (i < n)
+    i = r.to(tl.int32)  # int32 and no clamp, as in _cell
+    return i, i.to(tl.uint32, bitcast=True) < n
 
 
 @triton.jit
@@ -410,7 +417,11 @@ def _nearest_label(labels_ptr, x, y, z, m, grid, N_CHANNELS: tl.constexpr, INT64
     rj, inside_j = _round_half_even(y, size_j, INT64)
     rk, inside_k = _round_half_even(z, size_k, INT64)
     inside = m & inside_i & inside_j & inside_k
-    label = tl.load(labels_ptr + (ri * stride_i + rj * stride_j + rk), mask=inside, other=0).to(tl.int32)
+    if INT64:
+        off = ri.to(tl.int64) * stride_i + rj.to(tl.int64) * stride_j + rk
+    else:
+        off = ri * stride_i + rj * stride_j + rk
+    label = tl.load(labels_ptr + off, mask=inside, other=0).to(tl.int32)
     return tl.minimum(tl.maximum(label, 0), N_CHANNELS - 1)
 
 
