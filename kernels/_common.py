@@ -344,8 +344,9 @@ def _cell_value_grad(vol_ptr, cell, grid, CDT: tl.constexpr):
 def _cell_scatter(grad_vol_ptr, cell, a, mask, grid, fixed, DETERMINISTIC: tl.constexpr):
     """Adjoint of ``_cell_value``: a [R, S] times the 8 trilinear weights, under the cell's masks & mask."""
     off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = cell
+    # mask folded into the two i-masks (2 ANDs, not 4): the same corner predicates.
     _scatter8(
-        grad_vol_ptr, off, fx, fy, fz, a, mi0, mi1, mask & m00, mask & m01, mask & m10, mask & m11,
+        grad_vol_ptr, off, fx, fy, fz, a, mask & mi0, mask & mi1, m00, m01, m10, m11,
         grid[3], grid[4], fixed, DETERMINISTIC,
     )  # fmt: skip
 
@@ -495,14 +496,16 @@ def _scatter_corners(grad_vol_ptr, cell, a, mask, grid, fixed, DETERMINISTIC: tl
     stride_i = grid[3]
     stride_j = grid[4]
     ptr = grad_vol_ptr + off
-    _scatter(ptr, a[0], mask & m00 & mi0, fixed, DETERMINISTIC)
-    _scatter(ptr + 1, a[1], mask & m01 & mi0, fixed, DETERMINISTIC)
-    _scatter(ptr + stride_j, a[2], mask & m10 & mi0, fixed, DETERMINISTIC)
-    _scatter(ptr + stride_j + 1, a[3], mask & m11 & mi0, fixed, DETERMINISTIC)
-    _scatter(ptr + stride_i, a[4], mask & m00 & mi1, fixed, DETERMINISTIC)
-    _scatter(ptr + stride_i + 1, a[5], mask & m01 & mi1, fixed, DETERMINISTIC)
-    _scatter(ptr + stride_i + stride_j, a[6], mask & m10 & mi1, fixed, DETERMINISTIC)
-    _scatter(ptr + stride_i + stride_j + 1, a[7], mask & m11 & mi1, fixed, DETERMINISTIC)
+    mi0 = mask & mi0  # mask folded into the two i-masks: 2 ANDs, not 8
+    mi1 = mask & mi1
+    _scatter(ptr, a[0], m00 & mi0, fixed, DETERMINISTIC)
+    _scatter(ptr + 1, a[1], m01 & mi0, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_j, a[2], m10 & mi0, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_j + 1, a[3], m11 & mi0, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_i, a[4], m00 & mi1, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_i + 1, a[5], m01 & mi1, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_i + stride_j, a[6], m10 & mi1, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_i + stride_j + 1, a[7], m11 & mi1, fixed, DETERMINISTIC)
 
 
 # ----------------------------------------------------------------------------------------------
