@@ -487,17 +487,29 @@ def launch_config(n_rays: int, n_samples: int, backward: bool = False) -> tuple[
     """``(BLOCK_R, BLOCK_S, num_warps)`` from the problem size.
 
     Under the interpreter every Triton op costs ~25 us per program whatever the block size, so
-    one configuration with big blocks. On a GPU the numbers are a starting point, not yet tuned
-    on hardware: 2-D blocks of 2048 (forward) or 1024 (backward: 7 accumulators) samples per
-    program with 4 warps, narrower in rays when there are few rays.
+    one configuration with big blocks. On a GPU the numbers come from the sm_90 SASS counts of
+    ``bench/sass_count.py`` (bench/results/sass-sm90.md; fp32, int32 offsets, triton 3.9): among the
+    configurations without register spills, the fewest SASS instructions per sample in the sample
+    loop. They are compile-time facts, not timings: the retune on a GPU (``bench/bench_kernels.py``,
+    whose grid starts with these) is still owed.
+
+    - Forward ``(16, 16, 4)``: 75.5 instr/sample, 56 registers, no spills. The old default 64x32/4
+      needs 255 registers and spills 312 B/thread (104.4 instr/sample); 32x32/4 78.6, 64x16/4 76.0
+      (143 registers), 32x16/8 76.5. 32x32/8 and 64x16/8 count 73.5 but spill 4 B outside the loop.
+    - Backward ``(32, 16, 8)``: pose only 91.0, volume only 105.0, pose and volume 177.5
+      instr/sample, 105 / 72 / 116 registers, no spills (each within 0.5 of the fewest). The old
+      default 32x32/4: 97.6 / 119.1 / 219.5, and 255 registers with 44 B/thread of spills when
+      both gradients are asked.
+    - Fewer than 32 rays: 16 rays per block (backward with 4 warps: 16x16/4 counts 94.5 / 105.0 /
+      177.0). BLOCK_S stays 16 for short rays too (its tail is masked).
     """
-    s_pow2 = triton.next_power_of_2(max(n_samples, 1))
     r_pow2 = triton.next_power_of_2(max(n_rays, 1))
     if interpreting():
+        s_pow2 = triton.next_power_of_2(max(n_samples, 1))
         return min(128, max(16, r_pow2)), min(64, max(16, s_pow2)), 1
-    block_s = min(32, max(16, s_pow2))
-    block_r = (32 if backward else 64) if n_rays >= 4096 else 32
-    return min(block_r, max(16, r_pow2)), block_s, 4
+    if backward and r_pow2 >= 32:
+        return 32, 16, 8
+    return 16, 16, 4
 
 
 @dataclass(frozen=True)
