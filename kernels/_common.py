@@ -297,13 +297,15 @@ def _sample_points(ray, start, n_samples, live, BLOCK_S: tl.constexpr, CDT: tl.c
     kf = k.to(CDT)[None, :]  # [1, BLOCK_S]
     # Sample k sits at first + k stride (as the reference computes it): one FMA per coordinate and
     # sample; first and stride are per ray, so the compiler hoists them out of the sample loop.
-    h = length / n_samples  # [BLOCK_R]
+    # Rays that are not live march at the origin: their samples are masked anyway, and every
+    # coordinate stays in int32 range for _cell's conversion (live samples are in the box).
+    h = tl.where(live, length / n_samples, 0.0)  # [BLOCK_R]
     t_first = t0s + phase * h
     inv_n = 1.0 / tl.cast(n_samples, CDT)  # in CDT (1.0 / n_samples would be fp32)
     u = kf * inv_n + (phase * inv_n)[:, None]  # (k + phase) / S, [BLOCK_R, BLOCK_S]
-    x = kf * (h * dx)[:, None] + (sx + t_first * dx)[:, None]
-    y = kf * (h * dy)[:, None] + (sy + t_first * dy)[:, None]
-    z = kf * (h * dz)[:, None] + (sz + t_first * dz)[:, None]
+    x = kf * (h * dx)[:, None] + tl.where(live, sx + t_first * dx, 0.0)[:, None]
+    y = kf * (h * dy)[:, None] + tl.where(live, sy + t_first * dy, 0.0)[:, None]
+    z = kf * (h * dz)[:, None] + tl.where(live, sz + t_first * dz, 0.0)[:, None]
     m = live[:, None] & (k < n_samples)[None, :]
     return x, y, z, u, m
 
@@ -313,9 +315,10 @@ def _end_points(ray, hit):
     """The two end points of each ray (``_ends``): points (x, y, z), u, mask and end weight. Each [BLOCK_R, 2]."""
     sx, sy, sz, dx, dy, dz, phase, t0s, length = ray
     te, we, ue = _ends(t0s, length, phase)  # [BLOCK_R, 2]
-    x = sx[:, None] + te * dx[:, None]
-    y = sy[:, None] + te * dy[:, None]
-    z = sz[:, None] + te * dz[:, None]
+    # Rays without a hit take the origin (masked anyway; keeps _cell's conversion in range).
+    x = tl.where(hit[:, None], sx[:, None] + te * dx[:, None], 0.0)
+    y = tl.where(hit[:, None], sy[:, None] + te * dy[:, None], 0.0)
+    z = tl.where(hit[:, None], sz[:, None] + te * dz[:, None], 0.0)
     return x, y, z, ue, hit[:, None] & (ue >= 0.0), we
 
 
