@@ -474,9 +474,10 @@ def _store3(ptr, v, mask):
 
 
 def needs_int64(shape: tuple[int, int, int], n_ray_elements: int) -> bool:
-    """int64 offsets when any offset the kernels form can pass 2^31 - 1.
+    """int64 offsets when any offset the kernels dereference can pass 2^31 - 1.
 
-    Offsets of masked-out corners reach one cell beyond the grid on each side, hence the +2.
+    Only corners inside the grid are dereferenced (their offsets are below I J K); the offsets of
+    masked-out corners may wrap and are never used. The +2 (one cell beyond each side) is a margin.
     ``n_ray_elements`` is B * N * max(3, C) (the largest ray- or output-buffer offset).
     """
     i, j, k = shape
