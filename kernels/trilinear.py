@@ -495,14 +495,16 @@ def launch_config(n_rays: int, n_samples: int, backward: bool = False) -> tuple[
     whose grid starts with these) is still owed.
 
     - Forward ``(16, 16, 4)``: 75.5 instr/sample, 56 registers, no spills. The old default 64x32/4
-      needs 255 registers and spills 312 B/thread (104.4 instr/sample); 32x32/4 78.6, 64x16/4 76.0
-      (143 registers), 32x16/8 76.5. 32x32/8 and 64x16/8 count 73.5 but spill 4 B outside the loop.
-    - Backward ``(32, 16, 8)``: pose only 91.0, volume only 105.0, pose and volume 177.5
-      instr/sample, 105 / 72 / 116 registers, no spills (each within 0.5 of the fewest). The old
-      default 32x32/4: 97.6 / 119.1 / 219.5, and 255 registers with 44 B/thread of spills when
-      both gradients are asked.
-    - Fewer than 32 rays: 16 rays per block (backward with 4 warps: 16x16/4 counts 94.5 / 105.0 /
-      177.0). BLOCK_S stays 16 for short rays too (its tail is masked).
+      uses 255 registers and spills 312 B/thread (104.4 instr/sample; 344 B and 118.8 before the
+      mask and sample-point helpers were trimmed); 32x32/4 78.6, 64x16/4 76.0 (143 registers),
+      32x16/8 76.5, 32x16/4 80.0. 32x32/8 and 64x16/8 count 73.5 but spill 4 B.
+    - Backward ``(32, 16, 8)``: pose only 92.0, volume only 105.0 instr/sample at 104 / 72
+      registers, no spills (the fewest: 91.0 at 16x32/4 with 177 registers, and 105.0); pose and
+      volume together (compiled the same way, not a row of the table) 171.0 at 138 registers, the
+      fewest. The old default 32x32/4 counts 97.6 / 119.1 / 216.8, at 255 registers with 36
+      B/thread of spills when both gradients are asked.
+    - Fewer than 32 rays: 16 rays per block (the backward with 4 warps: 16x16/4 counts 95.5 /
+      105.0 / 176.5). BLOCK_S stays 16 for short rays too (its tail is masked).
     """
     r_pow2 = triton.next_power_of_2(max(n_rays, 1))
     if interpreting():
