@@ -484,7 +484,7 @@ def needs_int64(shape: tuple[int, int, int], n_ray_elements: int) -> bool:
     return (i + 2) * (j + 2) * (k + 2) >= 2**31 or n_ray_elements + 3 >= 2**31
 
 
-def launch_config(n_rays: int, n_samples: int, backward: bool = False) -> tuple[int, int, int]:
+def launch_config(n_rays: int, n_samples: int, backward: bool = False, n_channels: int = 1) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_S, num_warps)`` from the problem size.
 
     Under the interpreter every Triton op costs ~25 us per program whatever the block size, so
@@ -503,15 +503,22 @@ def launch_config(n_rays: int, n_samples: int, backward: bool = False) -> tuple[
       volume together (compiled the same way, not a row of the table) 171.0 at 138 registers, the
       fewest. The old default 32x32/4 counts 97.6 / 119.1 / 216.8, at 255 registers with 36
       B/thread of spills when both gradients are asked.
-    - Fewer than 32 rays: 16 rays per block (the backward with 4 warps: 16x16/4 counts 95.5 /
+    - Forward with labelmap channels (``n_channels`` > 1) ``(64, 16, 4)``: the per-channel
+      reductions cost per iteration, so more samples per lane pay: hard / soft labels, C = 5, count
+      151.1 / 148.0 instr/sample (202 / 255 registers, no spills) against 179.5 / 273.0 at 16x16/4;
+      C = 32 (bf16, int64) 189.8 / 175.6 against 284.0 / 281.5. The backward with channels keeps
+      32x16/8 (C = 5, both gradients: 234.5 / 272.5, no spills; 16x16/4 237.0 / 282.5).
+    - Fewer rays than a block: 16 rays per block (the backward with 4 warps: 16x16/4 counts 95.5 /
       105.0 / 176.5). BLOCK_S stays 16 for short rays too (its tail is masked).
     """
     r_pow2 = triton.next_power_of_2(max(n_rays, 1))
     if interpreting():
         s_pow2 = triton.next_power_of_2(max(n_samples, 1))
         return min(128, max(16, r_pow2)), min(64, max(16, s_pow2)), 1
-    if backward and r_pow2 >= 32:
-        return 32, 16, 8
+    if backward:
+        return (32, 16, 8) if r_pow2 >= 32 else (16, 16, 4)
+    if n_channels > 1 and r_pow2 >= 64:
+        return 64, 16, 4
     return 16, 16, 4
 
 
@@ -617,7 +624,7 @@ def raymarch_forward(
         out = torch.empty((batch, n_channels, n_rays), device=target.device, dtype=target.dtype)
     if batch == 0 or n_rays == 0:
         return out
-    br, bs, warps = launch_config(n_rays, pool.max_samples if pool is not None else n_samples)
+    br, bs, warps = launch_config(n_rays, pool.max_samples if pool is not None else n_samples, n_channels=n_channels)
     br, bs = block_r or br, block_s or bs
     args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels, pool)
     grid = (triton.cdiv(n_rays, br), batch)
@@ -696,7 +703,9 @@ def raymarch_backward(
             acc_dtype = torch.float64 if density.dtype == torch.float64 else torch.float32
             grad_vol = torch.zeros(density.shape, device=dev, dtype=acc_dtype)
     if (need_pose or need_volume) and batch > 0 and n_rays > 0:
-        br, bs, warps = launch_config(n_rays, pool.max_samples if pool is not None else n_samples, backward=True)
+        br, bs, warps = launch_config(
+            n_rays, pool.max_samples if pool is not None else n_samples, backward=True, n_channels=n_channels
+        )
         br, bs = block_r or br, block_s or bs
         args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels, pool)
         grid = (triton.cdiv(n_rays, br), batch)
