@@ -27,18 +27,19 @@ def _clip_axis(s, e, lo, hi):
 
 @triton.jit
 def _cell(x, n, INT64: tl.constexpr):
-    """Cell of coordinate x [R, S] on an axis of n voxels: base index, fraction, corner masks."""
-    # Clamping to [-2, n + 1] changes nothing inside the support (beyond it every corner is
-    # masked) and keeps the float -> int conversion in range for rays far outside the volume.
-    x = tl.minimum(tl.maximum(x, -2.0), n + 1.0)
+    """Cell of coordinate x [R, S] on an axis of n voxels: base index (int32), fraction, corner masks."""
     fl = tl.floor(x)
     frac = x - fl
+    # int32 whatever INT64 (an axis has < 2^31 voxels; only the flat offset needs 64 bits). Far
+    # outside the support the conversion saturates (GPU) or gives INT_MIN (interpreter): both
+    # corners then fail their masks, which is all such points need.
+    i0 = fl.to(tl.int32)
+    # Corner c is inside [0, n) iff c as uint32 is below n: one 32-bit compare instead of two
+    # (n as int32 also with INT64, where it arrives as int64; the clamp is loop-invariant).
     if INT64:
-        i0 = fl.to(tl.int64)
-    else:
-        i0 = fl.to(tl.int32)
-    m0 = (i0 >= 0) & (i0 < n)  # corner i0 inside the grid
-    m1 = (i0 >= -1) & (i0 < n - 1)  # corner i0 + 1 inside the grid
+        n = tl.minimum(n, 2147483647).to(tl.int32)
+    m0 = i0.to(tl.uint32, bitcast=True) < n  # corner i0 inside the grid
+    m1 = (i0 + 1).to(tl.uint32, bitcast=True) < n  # corner i0 + 1 inside the grid
     return i0, frac, m0, m1
 
 
@@ -53,7 +54,10 @@ def _corners(x, y, z, m, size_i, size_j, size_k, stride_i, stride_j, INT64: tl.c
     ix, fx, mi0, mi1 = _cell(x, size_i, INT64)
     iy, fy, mj0, mj1 = _cell(y, size_j, INT64)
     iz, fz, mk0, mk1 = _cell(z, size_k, INT64)
-    off = ix * stride_i + iy * stride_j + iz  # [R, S]
+    if INT64:
+        off = ix.to(tl.int64) * stride_i + iy.to(tl.int64) * stride_j + iz  # [R, S]
+    else:
+        off = ix * stride_i + iy * stride_j + iz  # [R, S]
     m00 = m & mj0 & mk0
     m01 = m & mj0 & mk1
     m10 = m & mj1 & mk0
@@ -290,10 +294,20 @@ def _sample_points(ray, start, n_samples, live, BLOCK_S: tl.constexpr, CDT: tl.c
     """Samples ``start .. start + BLOCK_S`` of each ray: points (x, y, z), u and mask. Each [R, S]."""
     sx, sy, sz, dx, dy, dz, phase, t0s, length = ray
     k = start + tl.arange(0, BLOCK_S)  # [BLOCK_S]
-    u = (k.to(CDT)[None, :] + phase[:, None]) / n_samples  # [BLOCK_R, BLOCK_S]
-    t = t0s[:, None] + length[:, None] * u
+    kf = k.to(CDT)[None, :]  # [1, BLOCK_S]
+    # Sample k sits at first + k stride (as the reference computes it): one FMA per coordinate and
+    # sample; first and stride are per ray, so the compiler hoists them out of the sample loop.
+    # Rays that are not live march at the origin: their samples are masked anyway, and every
+    # coordinate stays in int32 range for _cell's conversion (live samples are in the box).
+    h = tl.where(live, length / n_samples, 0.0)  # [BLOCK_R]
+    t_first = t0s + phase * h
+    inv_n = 1.0 / tl.cast(n_samples, CDT)  # in CDT (1.0 / n_samples would be fp32)
+    u = kf * inv_n + (phase * inv_n)[:, None]  # (k + phase) / S, [BLOCK_R, BLOCK_S]
+    x = kf * (h * dx)[:, None] + tl.where(live, sx + t_first * dx, 0.0)[:, None]
+    y = kf * (h * dy)[:, None] + tl.where(live, sy + t_first * dy, 0.0)[:, None]
+    z = kf * (h * dz)[:, None] + tl.where(live, sz + t_first * dz, 0.0)[:, None]
     m = live[:, None] & (k < n_samples)[None, :]
-    return sx[:, None] + t * dx[:, None], sy[:, None] + t * dy[:, None], sz[:, None] + t * dz[:, None], u, m
+    return x, y, z, u, m
 
 
 @triton.jit
@@ -301,9 +315,10 @@ def _end_points(ray, hit):
     """The two end points of each ray (``_ends``): points (x, y, z), u, mask and end weight. Each [BLOCK_R, 2]."""
     sx, sy, sz, dx, dy, dz, phase, t0s, length = ray
     te, we, ue = _ends(t0s, length, phase)  # [BLOCK_R, 2]
-    x = sx[:, None] + te * dx[:, None]
-    y = sy[:, None] + te * dy[:, None]
-    z = sz[:, None] + te * dz[:, None]
+    # Rays without a hit take the origin (masked anyway; keeps _cell's conversion in range).
+    x = tl.where(hit[:, None], sx[:, None] + te * dx[:, None], 0.0)
+    y = tl.where(hit[:, None], sy[:, None] + te * dy[:, None], 0.0)
+    z = tl.where(hit[:, None], sz[:, None] + te * dz[:, None], 0.0)
     return x, y, z, ue, hit[:, None] & (ue >= 0.0), we
 
 
@@ -332,8 +347,9 @@ def _cell_value_grad(vol_ptr, cell, grid, CDT: tl.constexpr):
 def _cell_scatter(grad_vol_ptr, cell, a, mask, grid, fixed, DETERMINISTIC: tl.constexpr):
     """Adjoint of ``_cell_value``: a [R, S] times the 8 trilinear weights, under the cell's masks & mask."""
     off, fx, fy, fz, mi0, mi1, m00, m01, m10, m11 = cell
+    # mask folded into the two i-masks (2 ANDs, not 4): the same corner predicates.
     _scatter8(
-        grad_vol_ptr, off, fx, fy, fz, a, mi0, mi1, mask & m00, mask & m01, mask & m10, mask & m11,
+        grad_vol_ptr, off, fx, fy, fz, a, mask & mi0, mask & mi1, m00, m01, m10, m11,
         grid[3], grid[4], fixed, DETERMINISTIC,
     )  # fmt: skip
 
@@ -388,16 +404,12 @@ def _clip_grad(clip, t0, t1):
 def _round_half_even(x, n, INT64: tl.constexpr):
     """Nearest integer of x [R, S] (ties to even, as torch.round and grid_sample's nearest mode)
     and whether it indexes one of the n voxels."""
-    x = tl.minimum(tl.maximum(x, -2.0), n + 1.0)  # as in _cell: the predicate is unchanged
     fl = tl.floor(x)
     frac = x - fl  # exact
     odd = (fl - 2.0 * tl.floor(fl * 0.5)) == 1.0
     r = fl + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
-    if INT64:
-        i = r.to(tl.int64)
-    else:
-        i = r.to(tl.int32)
-    return i, (i >= 0) & (i < n)
+    i = r.to(tl.int32)  # int32 and no clamp, as in _cell
+    return i, i.to(tl.uint32, bitcast=True) < n
 
 
 @triton.jit
@@ -409,7 +421,11 @@ def _nearest_label(labels_ptr, x, y, z, m, grid, N_CHANNELS: tl.constexpr, INT64
     rj, inside_j = _round_half_even(y, size_j, INT64)
     rk, inside_k = _round_half_even(z, size_k, INT64)
     inside = m & inside_i & inside_j & inside_k
-    label = tl.load(labels_ptr + (ri * stride_i + rj * stride_j + rk), mask=inside, other=0).to(tl.int32)
+    if INT64:
+        off = ri.to(tl.int64) * stride_i + rj.to(tl.int64) * stride_j + rk
+    else:
+        off = ri * stride_i + rj * stride_j + rk
+    label = tl.load(labels_ptr + off, mask=inside, other=0).to(tl.int32)
     return tl.minimum(tl.maximum(label, 0), N_CHANNELS - 1)
 
 
@@ -483,14 +499,16 @@ def _scatter_corners(grad_vol_ptr, cell, a, mask, grid, fixed, DETERMINISTIC: tl
     stride_i = grid[3]
     stride_j = grid[4]
     ptr = grad_vol_ptr + off
-    _scatter(ptr, a[0], mask & m00 & mi0, fixed, DETERMINISTIC)
-    _scatter(ptr + 1, a[1], mask & m01 & mi0, fixed, DETERMINISTIC)
-    _scatter(ptr + stride_j, a[2], mask & m10 & mi0, fixed, DETERMINISTIC)
-    _scatter(ptr + stride_j + 1, a[3], mask & m11 & mi0, fixed, DETERMINISTIC)
-    _scatter(ptr + stride_i, a[4], mask & m00 & mi1, fixed, DETERMINISTIC)
-    _scatter(ptr + stride_i + 1, a[5], mask & m01 & mi1, fixed, DETERMINISTIC)
-    _scatter(ptr + stride_i + stride_j, a[6], mask & m10 & mi1, fixed, DETERMINISTIC)
-    _scatter(ptr + stride_i + stride_j + 1, a[7], mask & m11 & mi1, fixed, DETERMINISTIC)
+    mi0 = mask & mi0  # mask folded into the two i-masks: 2 ANDs, not 8
+    mi1 = mask & mi1
+    _scatter(ptr, a[0], m00 & mi0, fixed, DETERMINISTIC)
+    _scatter(ptr + 1, a[1], m01 & mi0, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_j, a[2], m10 & mi0, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_j + 1, a[3], m11 & mi0, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_i, a[4], m00 & mi1, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_i + 1, a[5], m01 & mi1, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_i + stride_j, a[6], m10 & mi1, fixed, DETERMINISTIC)
+    _scatter(ptr + stride_i + stride_j + 1, a[7], m11 & mi1, fixed, DETERMINISTIC)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -524,30 +524,52 @@ def _store3(ptr, v, mask):
 
 
 def needs_int64(shape: tuple[int, int, int], n_ray_elements: int) -> bool:
-    """int64 offsets when any offset the kernels form can pass 2^31 - 1.
+    """int64 offsets when any offset the kernels dereference can pass 2^31 - 1.
 
-    Offsets of masked-out corners reach one cell beyond the grid on each side, hence the +2.
+    Only corners inside the grid are dereferenced (their offsets are below I J K); the offsets of
+    masked-out corners may wrap and are never used. The +2 (one cell beyond each side) is a margin.
     ``n_ray_elements`` is B * N * max(3, C) (the largest ray- or output-buffer offset).
     """
     i, j, k = shape
     return (i + 2) * (j + 2) * (k + 2) >= 2**31 or n_ray_elements + 3 >= 2**31
 
 
-def launch_config(n_rays: int, n_samples: int, backward: bool = False) -> tuple[int, int, int]:
+def launch_config(n_rays: int, n_samples: int, backward: bool = False, n_channels: int = 1) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_S, num_warps)`` from the problem size.
 
     Under the interpreter every Triton op costs ~25 us per program whatever the block size, so
-    one configuration with big blocks. On a GPU the numbers are a starting point, not yet tuned
-    on hardware: 2-D blocks of 2048 (forward) or 1024 (backward: 7 accumulators) samples per
-    program with 4 warps, narrower in rays when there are few rays.
+    one configuration with big blocks. On a GPU the numbers come from the sm_90 SASS counts of
+    ``bench/sass_count.py`` (bench/results/sass-sm90.md; fp32, int32 offsets, triton 3.9): among the
+    configurations without register spills, the fewest SASS instructions per sample in the sample
+    loop. They are compile-time facts, not timings: the retune on a GPU (``bench/bench_kernels.py``,
+    whose grid starts with these) is still owed.
+
+    - Forward ``(16, 16, 4)``: 75.5 instr/sample, 56 registers, no spills. The old default 64x32/4
+      uses 255 registers and spills 312 B/thread (104.4 instr/sample; 344 B and 118.8 before the
+      mask and sample-point helpers were trimmed); 32x32/4 78.6, 64x16/4 76.0 (143 registers),
+      32x16/8 76.5, 32x16/4 80.0. 32x32/8 and 64x16/8 count 73.5 but spill 4 B.
+    - Backward ``(32, 16, 8)``: pose only 92.0, volume only 105.0 instr/sample at 104 / 72
+      registers, no spills (the fewest: 91.0 at 16x32/4 with 177 registers, and 105.0); pose and
+      volume together (compiled the same way, not a row of the table) 171.0 at 138 registers, the
+      fewest. The old default 32x32/4 counts 97.6 / 119.1 / 216.8, at 255 registers with 36
+      B/thread of spills when both gradients are asked.
+    - Forward with labelmap channels (``n_channels`` > 1) ``(64, 16, 4)``: the per-channel
+      reductions cost per iteration, so more samples per lane pay: hard / soft labels, C = 5, count
+      151.1 / 148.0 instr/sample (202 / 255 registers, no spills) against 179.5 / 273.0 at 16x16/4;
+      C = 32 (bf16, int64) 189.8 / 175.6 against 284.0 / 281.5. The backward with channels keeps
+      32x16/8 (C = 5, both gradients: 234.5 / 272.5, no spills; 16x16/4 237.0 / 282.5).
+    - Fewer rays than a block: 16 rays per block (the backward with 4 warps: 16x16/4 counts 95.5 /
+      105.0 / 176.5). BLOCK_S stays 16 for short rays too (its tail is masked).
     """
-    s_pow2 = triton.next_power_of_2(max(n_samples, 1))
     r_pow2 = triton.next_power_of_2(max(n_rays, 1))
     if interpreting():
+        s_pow2 = triton.next_power_of_2(max(n_samples, 1))
         return min(128, max(16, r_pow2)), min(64, max(16, s_pow2)), 1
-    block_s = min(32, max(16, s_pow2))
-    block_r = (32 if backward else 64) if n_rays >= 4096 else 32
-    return min(block_r, max(16, r_pow2)), block_s, 4
+    if backward:
+        return (32, 16, 8) if r_pow2 >= 32 else (16, 16, 4)
+    if n_channels > 1 and r_pow2 >= 64:
+        return 64, 16, 4
+    return 16, 16, 4
 
 
 @dataclass(frozen=True)
@@ -656,9 +678,9 @@ def raymarch_forward(
         out = torch.empty((batch, n_channels, n_rays), device=target.device, dtype=target.dtype)
     if batch == 0 or n_rays == 0:
         return out
-    br, bs, warps = launch_config(n_rays, pool.max_samples if pool is not None else n_samples)
     skip_args, skip = _skip_args(groups, pool, density)
-    bs = min(bs, 8) if skip else bs  # a block of samples is one run of the skipping test
+    n_max = pool.max_samples if pool is not None else n_samples
+    br, bs, warps = launch_config(n_rays, n_max, n_channels=n_channels, skip=skip)
     br, bs = block_r or br, block_s or bs
     args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels, pool)
     grid = (triton.cdiv(n_rays, br), batch)
@@ -746,9 +768,9 @@ def raymarch_backward(
             acc_dtype = torch.float64 if density.dtype == torch.float64 else torch.float32
             grad_vol = torch.zeros(density.shape, device=dev, dtype=acc_dtype)
     if (need_pose or need_volume) and batch > 0 and n_rays > 0:
-        br, bs, warps = launch_config(n_rays, pool.max_samples if pool is not None else n_samples, backward=True)
         skip_args, skip = _skip_args(None if need_volume else groups, pool, density)
-        bs = min(bs, 8) if skip else bs
+        n_max = pool.max_samples if pool is not None else n_samples
+        br, bs, warps = launch_config(n_rays, n_max, backward=True, n_channels=n_channels, skip=skip)
         br, bs = block_r or br, block_s or bs
         args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels, pool)
         grid = (triton.cdiv(n_rays, br), batch)
