@@ -168,10 +168,10 @@ def _raymarch_fwd_kernel(
     hi1,
     hi2,
     n_samples,
-    groups_ptr,  # SKIP: (G0, G1, G2) uint8 occupancy groups (tritondrr.occupancy)
-    groups_n0,
-    groups_n1,
-    groups_n2,
+    bricks_ptr,  # SKIP: (N0, N1, N2) uint8 brick occupancy (tritondrr.occupancy)
+    bricks_n0,
+    bricks_n1,
+    bricks_n2,
     N_CHANNELS: tl.constexpr,
     SOFT_LABELS: tl.constexpr,
     POOL: tl.constexpr,
@@ -197,16 +197,15 @@ def _raymarch_fwd_kernel(
         acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)
     else:
         acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=CDT)  # per-channel sums
-    groups = (groups_ptr, groups_n0, groups_n1, groups_n2)
+    bricks = (bricks_ptr, bricks_n0, bricks_n1, bricks_n2)
     for start in range(0, n_samples, BLOCK_S):
         x, y, z, _u, m = _sample_points(ray, start, n_samples, hit, BLOCK_S, CDT)  # [BLOCK_R, BLOCK_S]
-        m, work = _skip_empty(m, groups, ray, start, n_samples, SKIP, BLOCK_S)
-        if work:  # some ray's run of samples may be non-zero (always, without SKIP)
-            cell = _grid_cells(x, y, z, m, grid, INT64)
-            if N_CHANNELS == 1:
-                acc += _cell_value(vol_ptr, cell, grid, CDT)
-            else:
-                acc = _channel_sums(acc, vol_ptr, labels_ptr, x, y, z, m, cell, grid, 1.0, N_CHANNELS, SOFT_LABELS, BLOCK_C, INT64, CDT)
+        m = _skip_empty(m, x, y, z, bricks, SKIP)
+        cell = _grid_cells(x, y, z, m, grid, INT64)
+        if N_CHANNELS == 1:
+            acc += _cell_value(vol_ptr, cell, grid, CDT)
+        else:
+            acc = _channel_sums(acc, vol_ptr, labels_ptr, x, y, z, m, cell, grid, 1.0, N_CHANNELS, SOFT_LABELS, BLOCK_C, INT64, CDT)
 
     # End correction: -(phase - 1/2) (f(p_1end) - f(p_0end)), both ends as one [BLOCK_R, 2] block.
     x, y, z, _ue, me, we = _end_points(ray, hit)
@@ -252,10 +251,10 @@ def _raymarch_bwd_kernel(
     hi1,
     hi2,
     n_samples,
-    groups_ptr,  # SKIP (pose gradients only): occupancy groups, as in the forward
-    groups_n0,
-    groups_n1,
-    groups_n2,
+    bricks_ptr,  # SKIP (pose gradients only): brick occupancy, as in the forward
+    bricks_n0,
+    bricks_n1,
+    bricks_n2,
     NEED_POSE_GRAD: tl.constexpr,
     NEED_VOLUME_GRAD: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
@@ -293,25 +292,24 @@ def _raymarch_bwd_kernel(
     acc_f = tl.zeros([BLOCK_R, BLOCK_S], dtype=CDT)  # sums of f, grad f and u grad f over the samples
     acc_gx, acc_gy, acc_gz = tl.zeros_like(acc_f), tl.zeros_like(acc_f), tl.zeros_like(acc_f)
     acc_ux, acc_uy, acc_uz = tl.zeros_like(acc_f), tl.zeros_like(acc_f), tl.zeros_like(acc_f)
-    groups = (groups_ptr, groups_n0, groups_n1, groups_n2)
+    bricks = (bricks_ptr, bricks_n0, bricks_n1, bricks_n2)
     for start in range(0, n_samples, BLOCK_S):
         x, y, z, u, m = _sample_points(ray, start, n_samples, live, BLOCK_S, CDT)  # [BLOCK_R, BLOCK_S]
-        m, work = _skip_empty(m, groups, ray, start, n_samples, SKIP, BLOCK_S)
-        if work:
-            cell = _grid_cells(x, y, z, m, grid, INT64)
-            sig = _point_weights(labels_ptr, gout_ptr, rays, n_rays, x, y, z, m, cell, grid, N_CHANNELS, SOFT_LABELS, INT64)
-            if NEED_POSE_GRAD:
-                f, gx, gy, gz = _weighted_value_grad(vol_ptr, cell, sig, grid, N_CHANNELS, SOFT_LABELS, CDT)
-                acc_f += f
-                acc_gx += gx
-                acc_gy += gy
-                acc_gz += gz
-                acc_ux += u * gx
-                acc_uy += u * gy
-                acc_uz += u * gz
-            if NEED_VOLUME_GRAD:  # adjoint of the 8 loads: the same offsets, masks and weights, times w L / S
-                a = tl.broadcast_to(wscale[:, None], [BLOCK_R, BLOCK_S])
-                _weighted_scatter(grad_vol_ptr, cell, a, sig, hit[:, None], grid, fixed, N_CHANNELS, SOFT_LABELS, DETERMINISTIC)
+        m = _skip_empty(m, x, y, z, bricks, SKIP)
+        cell = _grid_cells(x, y, z, m, grid, INT64)
+        sig = _point_weights(labels_ptr, gout_ptr, rays, n_rays, x, y, z, m, cell, grid, N_CHANNELS, SOFT_LABELS, INT64)
+        if NEED_POSE_GRAD:
+            f, gx, gy, gz = _weighted_value_grad(vol_ptr, cell, sig, grid, N_CHANNELS, SOFT_LABELS, CDT)
+            acc_f += f
+            acc_gx += gx
+            acc_gy += gy
+            acc_gz += gz
+            acc_ux += u * gx
+            acc_uy += u * gy
+            acc_uz += u * gz
+        if NEED_VOLUME_GRAD:  # adjoint of the 8 loads: the same offsets, masks and weights, times w L / S
+            a = tl.broadcast_to(wscale[:, None], [BLOCK_R, BLOCK_S])
+            _weighted_scatter(grad_vol_ptr, cell, a, sig, hit[:, None], grid, fixed, N_CHANNELS, SOFT_LABELS, DETERMINISTIC)
 
     # End correction: the two end points as weighted samples (weights +c at u = 0, -c at u = 1).
     # Only rays with L > 0 need them: for L = 0 the correction vanishes with its derivatives.
@@ -338,37 +336,22 @@ def _raymarch_bwd_kernel(
 
 
 @triton.jit
-def _skip_empty(m, groups, ray, start, n_samples, SKIP: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Empty-space skipping (tritondrr.occupancy): the sample mask without the runs that are exact
-    zeros, and whether any sample of the block is left. The run of a ray is its BLOCK_S samples
-    of this block (BLOCK_S <= occupancy.BRICK: the launcher's job); the test looks at the
-    segment from its first to its last sample. Masked loads move no memory; a block with nothing
-    left skips its loads and arithmetic altogether. Without SKIP: (m, True), compiled away."""
+def _skip_empty(m, x, y, z, bricks, SKIP: tl.constexpr):
+    """Empty-space skipping (tritondrr.occupancy): the sample mask without the samples whose
+    brick is empty, exact zeros whose eight gathers then move no memory. A sample at ``p`` lies
+    in brick ``(p + 1) / 8`` per axis, rounded toward zero (floor for every sample of the support
+    ``[-1, I]``, whose bricks the table covers with one to spare; rounding at a brick's face is
+    covered by the bricks' one-voxel margin). The table is a few kB and stays in cache.
+    Without SKIP: ``m``."""
     if SKIP:
-        groups_ptr, n0, n1, n2 = groups
-        sx, sy, sz, dx, dy, dz, phase, t0s, length = ray
-        first = (start + tl.zeros_like(phase).to(tl.int32)).to(phase.dtype)  # [BLOCK_R]
-        last = tl.minimum(first + (BLOCK_S - 1), (n_samples - 1) * 1.0)
-        ta = t0s + length * ((first + phase) / n_samples)
-        tb = t0s + length * ((last + phase) / n_samples)
-        gx, near_x = _brick_pair(sx + ta * dx, sx + tb * dx, n0)
-        gy, near_y = _brick_pair(sy + ta * dy, sy + tb * dy, n1)
-        gz, near_z = _brick_pair(sz + ta * dz, sz + tb * dz, n2)
-        occupied = tl.load(groups_ptr + (gx * n1 + gy) * n2 + gz, mask=near_x & near_y & near_z, other=1)
-        keep = (occupied != 0) & (tl.max(m.to(tl.int32), axis=1) > 0)  # [BLOCK_R]
-        return m & keep[:, None], tl.max(keep.to(tl.int32), axis=0) > 0
+        bricks_ptr, _n0, n1, n2 = bricks
+        bx = (x * 0.125 + 0.125).to(tl.int32)  # 0.125 = 1 / occupancy.BRICK
+        by = (y * 0.125 + 0.125).to(tl.int32)
+        bz = (z * 0.125 + 0.125).to(tl.int32)
+        occupied = tl.load(bricks_ptr + (bx * n1 + by) * n2 + bz, mask=m, other=0)
+        return m & (occupied != 0)
     else:
-        return m, True
-
-
-@triton.jit
-def _brick_pair(p, q, n_groups):
-    """Group index along one axis of the bricks of p and q ([BLOCK_R] coordinates), and whether
-    they are at most one brick apart (occupancy.may_be_nonzero, per axis)."""
-    bp = tl.floor(tl.minimum(tl.maximum((p + 1.0) * 0.125, -2.0), 1e6))  # 0.125 = 1 / occupancy.BRICK
-    bq = tl.floor(tl.minimum(tl.maximum((q + 1.0) * 0.125, -2.0), 1e6))
-    g = tl.minimum(tl.maximum(tl.minimum(bp, bq) + 1.0, 0.0), (n_groups - 1) * 1.0)
-    return g.to(tl.int32), tl.abs(bp - bq) <= 1.0
+        return m
 
 
 @triton.jit
@@ -645,7 +628,7 @@ def raymarch_forward(
     n_channels: int = 1,
     soft_labels: bool = False,
     pool: Pool | None = None,
-    groups: torch.Tensor | None = None,
+    occupied: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the forward kernel. Inputs must already be validated and contiguous (``tritondrr.ops``).
 
@@ -665,9 +648,9 @@ def raymarch_forward(
             each point to its nearest voxel's label's channel.
         pool: one volume per pose (``Pool``): ``density`` (and ``labels``) are then the flat
             packed buffers, and ``lo``, ``hi`` and ``n_samples`` are read per pose from the pool.
-        groups: optional ``tritondrr.occupancy.Bricks.groups`` of ``density`` on its device
-            (``occupancy.BRICK`` must be 8): skip runs of samples in empty space (same result;
-            not with a pool). Blocks are then at most 8 samples long.
+        occupied: optional ``tritondrr.occupancy.Bricks.occupied`` of ``density`` on its device
+            (``occupancy.BRICK`` must be 8): samples in empty bricks load nothing (same result;
+            not with a pool).
 
     Returns:
         (B, C, N) in the rays' dtype.
@@ -678,9 +661,9 @@ def raymarch_forward(
         out = torch.empty((batch, n_channels, n_rays), device=target.device, dtype=target.dtype)
     if batch == 0 or n_rays == 0:
         return out
-    skip_args, skip = _skip_args(groups, pool, density)
+    skip_args, skip = _skip_args(occupied, pool, density)
     n_max = pool.max_samples if pool is not None else n_samples
-    br, bs, warps = launch_config(n_rays, n_max, n_channels=n_channels, skip=skip)
+    br, bs, warps = launch_config(n_rays, n_max, n_channels=n_channels)
     br, bs = block_r or br, block_s or bs
     args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels, pool)
     grid = (triton.cdiv(n_rays, br), batch)
@@ -692,11 +675,11 @@ def raymarch_forward(
     return out
 
 
-def _skip_args(groups, pool, fallback: torch.Tensor) -> tuple[tuple, bool]:
-    """The kernels' occupancy arguments and SKIP flag (no skipping for pools or without groups)."""
-    if groups is None or pool is not None:
+def _skip_args(occupied, pool, fallback: torch.Tensor) -> tuple[tuple, bool]:
+    """The kernels' occupancy arguments and SKIP flag (no skipping for pools or without bricks)."""
+    if occupied is None or pool is not None:
         return (fallback, 1, 1, 1), False
-    return (groups, *groups.shape), True
+    return (occupied, *occupied.shape), True
 
 
 def _channel_flags(n_channels: int, soft_labels: bool) -> dict:
@@ -740,13 +723,13 @@ def raymarch_backward(
     n_channels: int = 1,
     soft_labels: bool = False,
     pool: Pool | None = None,
-    groups: torch.Tensor | None = None,
+    occupied: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward kernel: ``(grad_density, grad_source, grad_target)``, None where not asked.
 
     ``grad_out`` is (B, C, N) contiguous; ``phase``, ``labels``, ``n_channels``, ``soft_labels`` and
     ``pool`` as in ``raymarch_forward`` (with a pool, ``grad_density`` is the flat pool's gradient).
-    ``groups`` skips empty space for the pose gradient only (the volume gradient is non-zero there).
+    ``occupied`` skips empty space for the pose gradient only (the volume gradient is non-zero there).
     ``grad_source`` has ``source``'s shape (per-ray source gradients are summed over rays for a
     shared source, deterministically). ``grad_density`` has ``density``'s dtype; it is accumulated
     in fp32 (fp64 for fp64 volumes) with float atomics, or in 64-bit fixed point when
@@ -768,9 +751,9 @@ def raymarch_backward(
             acc_dtype = torch.float64 if density.dtype == torch.float64 else torch.float32
             grad_vol = torch.zeros(density.shape, device=dev, dtype=acc_dtype)
     if (need_pose or need_volume) and batch > 0 and n_rays > 0:
-        skip_args, skip = _skip_args(None if need_volume else groups, pool, density)
+        skip_args, skip = _skip_args(None if need_volume else occupied, pool, density)
         n_max = pool.max_samples if pool is not None else n_samples
-        br, bs, warps = launch_config(n_rays, n_max, backward=True, n_channels=n_channels, skip=skip)
+        br, bs, warps = launch_config(n_rays, n_max, backward=True, n_channels=n_channels)
         br, bs = block_r or br, block_s or bs
         args, int64 = _common_args(density, source, target, lo, hi, n_samples, n_channels, pool)
         grid = (triton.cdiv(n_rays, br), batch)

@@ -61,12 +61,12 @@ def _scalars(int_type: str, ones: tuple[str, ...]) -> tuple[dict, dict]:
 
 
 def _skip(vol: str, skip: bool) -> tuple[dict, dict]:
-    """Signature of the occupancy arguments: the groups (uint8) and their shape with SKIP; without,
+    """Signature of the occupancy arguments: the bricks (uint8) and their shape with SKIP; without,
     the launcher passes the volume and three 1s (constexpr 1 on a GPU)."""
     if skip:
-        return {"groups_ptr": "*u8", "groups_n0": "i32", "groups_n1": "i32", "groups_n2": "i32"}, {}
-    sig = {"groups_ptr": _PTR[vol], "groups_n0": "constexpr", "groups_n1": "constexpr", "groups_n2": "constexpr"}
-    return sig, {"groups_n0": 1, "groups_n1": 1, "groups_n2": 1}
+        return {"bricks_ptr": "*u8", "bricks_n0": "i32", "bricks_n1": "i32", "bricks_n2": "i32"}, {}
+    sig = {"bricks_ptr": _PTR[vol], "bricks_n0": "constexpr", "bricks_n1": "constexpr", "bricks_n2": "constexpr"}
+    return sig, {"bricks_n0": 1, "bricks_n1": 1, "bricks_n2": 1}
 
 
 def _channels(channels: int, soft: bool) -> dict:
@@ -197,15 +197,17 @@ def specialisations() -> dict:
     specs["bwd-pool-hard-c5-pose1-vol1-det0-fp32-i32"] = _backward(
         "fp32", "fp32", False, True, True, False, ones=pool_ones, channels=5, pool=True
     )
-    # Empty-space skipping (blocks of 8 samples: one run of the occupancy test), pose gradients only.
-    specs["fwd-skip-fp32-i32"] = _forward("fp32", "fp32", False, block_s=8, skip=True)
-    specs["fwd-skip-bf16-i64"] = _forward("bf16", "fp32", True, block_s=8, skip=True)
-    specs["fwd-skip-hard-c5-fp32-i32"] = _forward("fp32", "fp32", False, block_s=8, channels=5, skip=True)
-    specs["fwd-skip-soft-c5-fp32-i32"] = _forward("fp32", "fp32", False, block_s=8, channels=5, soft=True, skip=True)
-    specs["bwd-skip-pose1-vol0-det0-fp32-i32"] = _backward("fp32", "fp32", False, True, False, False, block_s=8, skip=True)
-    specs["bwd-skip-pose1-vol0-det0-fp32-i64"] = _backward("fp32", "fp32", True, True, False, False, block_s=8, skip=True)
+    # Empty-space skipping (a brick lookup per sample masks the gathers), pose gradients only.
+    specs["fwd-skip-fp32-i32"] = _forward("fp32", "fp32", False, block_r=16, block_s=16, skip=True)
+    specs["fwd-skip-bf16-i64"] = _forward("bf16", "fp32", True, block_r=16, block_s=16, skip=True)
+    specs["fwd-skip-hard-c5-fp32-i32"] = _forward("fp32", "fp32", False, block_r=64, block_s=16, channels=5, skip=True)
+    specs["fwd-skip-soft-c5-fp32-i32"] = _forward(
+        "fp32", "fp32", False, block_r=64, block_s=16, channels=5, soft=True, skip=True
+    )
+    specs["bwd-skip-pose1-vol0-det0-fp32-i32"] = _backward("fp32", "fp32", False, True, False, False, block_s=16, skip=True)
+    specs["bwd-skip-pose1-vol0-det0-fp32-i64"] = _backward("fp32", "fp32", True, True, False, False, block_s=16, skip=True)
     specs["bwd-skip-soft-c5-pose1-vol0-det0-fp32-i32"] = _backward(
-        "fp32", "fp32", False, True, False, False, block_s=8, channels=5, soft=True, skip=True
+        "fp32", "fp32", False, True, False, False, block_s=16, channels=5, soft=True, skip=True
     )
     return specs
 

@@ -39,6 +39,11 @@ def field(v, points, mode="bilinear"):
     return out.reshape(points.shape[:-1])
 
 
+def lying(bricks: Bricks) -> Bricks:
+    """Bricks that claim the whole volume is empty."""
+    return Bricks(torch.zeros_like(bricks.occupied), torch.zeros_like(bricks.groups), 0.0)
+
+
 def oblique_affine(dtype=torch.float64):
     affine = torch.eye(4, dtype=dtype)
     affine[:3, :3] = torch.tensor([[1.1, 0.1, 0.0], [0.0, 0.9, 0.15], [0.05, 0.0, 1.6]], dtype=dtype)
@@ -89,11 +94,16 @@ def test_occupied_interval_holds_every_non_zero_point_of_the_ray():
     assert bool(hits.any()) and float((tb - ta)[hits].mean()) < 0.9  # it trims
 
 
-def test_bricks_of_an_empty_volume_clear_everything_and_a_full_one_nothing():
+def test_bricks_of_an_empty_volume_clear_everything_and_a_full_one_what_reaches_the_grid():
     empty = brick_groups(torch.zeros(9, 17, 8))
-    assert not bool(empty.groups.any()) and empty.occupied_fraction == 0.0
-    full = brick_groups(torch.ones(9, 17, 8))
-    assert bool(full.groups.all()) and full.occupied_fraction == 1.0
+    assert not bool(empty.groups.any()) and not bool(empty.occupied.any()) and empty.occupied_fraction == 0.0
+    shape = (9, 17, 8)
+    full = brick_groups(torch.ones(shape))
+    assert full.occupied.shape == (3, 4, 3) and full.groups.shape == (4, 5, 4)  # I // 8 + 2 bricks, + 1 groups
+    # Brick b reads voxels [8 b - 2, 8 b + 8]: occupied exactly when that range meets the grid.
+    reach = [torch.arange(n // 8 + 2) * 8 - 2 <= n - 1 for n in shape]
+    expected = reach[0][:, None, None] & reach[1][None, :, None] & reach[2][None, None, :]
+    assert torch.equal(full.occupied.bool(), expected)
 
 
 def _render(v, backend, renderer, source, target, bricks, **kwargs):
@@ -122,12 +132,12 @@ def test_skipping_changes_neither_images_nor_pose_gradients(backend, renderer):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("renderer", RENDERERS)
-def test_every_path_consults_the_groups(backend, renderer):
+def test_every_path_consults_the_bricks(backend, renderer):
     """Groups claiming all space is empty (a lie) make every path render 0: skipping is on."""
     v = sparse_volume()
     source, target = fan(12)
     real = brick_groups(v)
-    liar = Bricks(torch.zeros_like(real.groups), 0.0)
+    liar = lying(real)
     assert float(_render(v, backend, renderer, source, target, real).abs().max()) > 1.0
     assert float(_render(v, backend, renderer, source, target, liar).abs().max()) == 0.0
 
@@ -139,7 +149,7 @@ def test_the_volume_gradient_ignores_the_bricks(backend, renderer):
     v = sparse_volume()[:19, :17, :13].contiguous()
     v[10:, :, :] = 0.0
     source, target = fan(12)
-    liar = Bricks(torch.zeros_like(brick_groups(v).groups), 0.0)
+    liar = lying(brick_groups(v))
     grads = []
     for b in (None, liar):
         d = v.clone().requires_grad_()
@@ -149,7 +159,7 @@ def test_the_volume_gradient_ignores_the_bricks(backend, renderer):
     assert float(grads[0][10:].abs().max()) > 0  # the gradient reaches zero voxels
 
 
-def test_triton_kernel_skipping_is_bitwise_at_equal_blocks():
+def test_triton_kernel_skipping_is_bitwise():
     from tritondrr.kernels import trilinear as kernels
     from tritondrr.renderers._sampling import ray_phases
 
@@ -160,14 +170,14 @@ def test_triton_kernel_skipping_is_bitwise_at_equal_blocks():
     tgt = (target @ inverse[:3, :3].T + inverse[:3, 3]).contiguous()
     phase = ray_phases(torch.arange(40))
     lo, hi = occupied_box(v)
-    groups = brick_groups(v).groups
-    plain = kernels.raymarch_forward(v, src, tgt, phase, lo, hi, 70, block_s=8)
-    skipped = kernels.raymarch_forward(v, src, tgt, phase, lo, hi, 70, block_s=8, groups=groups)
+    occupied = brick_groups(v).occupied
+    plain = kernels.raymarch_forward(v, src, tgt, phase, lo, hi, 70)
+    skipped = kernels.raymarch_forward(v, src, tgt, phase, lo, hi, 70, occupied=occupied)
     assert torch.equal(plain, skipped)
     grad_out = torch.rand_like(plain)
-    _, gs0, gt0 = kernels.raymarch_backward(grad_out, v, src, tgt, phase, lo, hi, 70, need_pose=True, need_volume=False, block_s=8)
+    _, gs0, gt0 = kernels.raymarch_backward(grad_out, v, src, tgt, phase, lo, hi, 70, need_pose=True, need_volume=False)
     _, gs1, gt1 = kernels.raymarch_backward(
-        grad_out, v, src, tgt, phase, lo, hi, 70, need_pose=True, need_volume=False, block_s=8, groups=groups
+        grad_out, v, src, tgt, phase, lo, hi, 70, need_pose=True, need_volume=False, occupied=occupied
     )
     assert torch.equal(gs0, gs1) and torch.equal(gt0, gt1)
 
@@ -199,7 +209,7 @@ def test_bad_bricks_are_refused():
     source, target = fan(4)
     with pytest.raises(TypeError, match="bricks must be a tritondrr.occupancy.Bricks"):
         _render(v, "torch", "trilinear", source, target, "yes")
-    assert Volume(v, oblique_affine()).bricks().groups.shape == (3, 3, 3)  # 9 // 8 + 1 bricks, + 1 groups
+    assert Volume(v, oblique_affine()).bricks().groups.shape == (4, 4, 4)  # 9 // 8 + 2 bricks, + 1 groups
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -209,7 +219,7 @@ def test_label_channels_skip_and_agree(backend, soft):
     labels = (torch.arange(v.numel()).reshape(v.shape) % 3).long()
     source, target = fan(16)
     outs = []
-    for b in (None, brick_groups(v), Bricks(torch.zeros_like(brick_groups(v).groups), 0.0)):
+    for b in (None, brick_groups(v), lying(brick_groups(v))):
         outs.append(_render(v, backend, "trilinear", source, target, b, mask=labels, n_channels=3, soft_labels=soft))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12 * float(outs[0].abs().max()))
     assert float(outs[0].abs().max()) > 0.5 and float(outs[2].abs().max()) == 0.0

@@ -5,12 +5,16 @@ of the voxels, and 70% of the trilinear samples at the seed pose, are exact zero
 be skipped without changing a single sample position:
 
 - **Bricks.** Cut index space into cubes of ``BRICK`` voxels: a point ``p`` lies in brick
-  ``b = floor((p + 1) / BRICK)`` (per axis; brick 0 starts at the support's edge, -1). The field
+  ``b = floor((p + 1) / BRICK)`` (per axis; brick 0 starts at the support's edge, -1; the
+  ``I // BRICK + 2`` bricks of an axis of ``I`` voxels reach past the support's far edge, ``I``). The field
   at ``p`` reads voxels ``floor(p)`` and ``floor(p) + 1`` (trilinear) or ``round(p)`` (nearest),
   all within ``[b BRICK - 1, (b + 1) BRICK - 1]``. A brick is *occupied* when a non-zero voxel
   lies in that range grown by one voxel on each side, ``[b BRICK - 2, (b + 1) BRICK]``: the extra
   voxel covers rounding in whatever computed ``p`` (errors of ~1e-4 voxels in float32), so a
   point placed in a neighbouring brick by rounding is still covered.
+- **Samples.** A sample whose brick is empty is an exact zero. The Triton kernels look up each
+  sample's brick (``occupied``; a byte from a table that stays in cache) and leave its eight
+  gathers out.
 - **Groups.** ``groups[g]`` (per axis ``g`` in ``[0, n_bricks]``) is True when any of the 2 x 2 x 2
   bricks ``g - 1`` and ``g`` along each axis is occupied.
 - **The test.** A straight segment from ``p`` to ``q`` has, along each axis, coordinates between
@@ -19,8 +23,8 @@ be skipped without changing a single sample position:
   group is empty, the field is zero on the whole segment (so is its gradient, and every sample
   on it contributes an exact zero). Segments spanning more bricks are never skipped.
 
-The renderers apply the test to runs of consecutive samples (or to pieces of a ray) whose ends
-are at most ``BRICK - 1`` voxels apart along every axis, and skip the runs it clears. Results
+The PyTorch renderers apply the test to runs of consecutive samples (or to pieces of a ray)
+whose ends are at most ``BRICK - 1`` voxels apart along every axis, and skip the runs it clears. Results
 agree with skipping off to float rounding (bitwise, where the sums keep their order).
 
 Skipping needs the volume's zeros to be real: while the density requires a gradient, the
@@ -43,19 +47,22 @@ BRICK = 8
 
 @dataclass(frozen=True)
 class Bricks:
-    """The occupancy groups of a volume (module docstring).
+    """The brick occupancy of a volume (module docstring).
 
     Attributes:
-        groups: (n_i + 1, n_j + 1, n_k + 1) uint8 on the volume's device, ``n_a = I_a // BRICK + 1``
-            bricks per axis: 1 where the 2 x 2 x 2 bricks ``g - 1 .. g`` may hold a non-zero field.
+        occupied: (n_i, n_j, n_k) uint8 on the volume's device, ``n_a = I_a // BRICK + 2`` bricks
+            per axis: 1 where the brick may hold a non-zero field.
+        groups: (n_i + 1, n_j + 1, n_k + 1) uint8: 1 where the 2 x 2 x 2 bricks ``g - 1 .. g``
+            may hold a non-zero field.
         occupied_fraction: the fraction of occupied bricks (host float, for reports).
     """
 
+    occupied: torch.Tensor
     groups: torch.Tensor
     occupied_fraction: float
 
     def to(self, device) -> Bricks:
-        return Bricks(self.groups.to(device), self.occupied_fraction)
+        return Bricks(self.occupied.to(device), self.groups.to(device), self.occupied_fraction)
 
 
 def brick_groups(density: torch.Tensor) -> Bricks:
@@ -64,7 +71,7 @@ def brick_groups(density: torch.Tensor) -> Bricks:
     ``Volume.bricks`` caches the result. Reads the whole volume (and synchronises with a GPU).
     """
     shape = density.shape
-    n = [size // BRICK + 1 for size in shape]
+    n = [size // BRICK + 2 for size in shape]
     nonzero = (density.detach() != 0).to(torch.float16 if density.is_cuda else torch.float32)
     # Voxel v enters brick b when v is in [b BRICK - 2, b BRICK + BRICK]: shift by 2, then windows
     # of BRICK + 3 voxels every BRICK voxels; pad the far side so that n windows fit.
@@ -73,7 +80,9 @@ def brick_groups(density: torch.Tensor) -> Bricks:
         pad += [2, count * BRICK + 1 - size]
     occupied = F.max_pool3d(F.pad(nonzero[None, None], pad), BRICK + 3, BRICK)  # [1, 1, n_i, n_j, n_k]
     groups = F.max_pool3d(F.pad(occupied, (1, 1, 1, 1, 1, 1)), 2, 1)[0, 0]  # [n_i + 1, n_j + 1, n_k + 1]
-    return Bricks(groups.to(torch.uint8).contiguous(), float(occupied.float().mean()))
+    return Bricks(
+        occupied[0, 0].to(torch.uint8).contiguous(), groups.to(torch.uint8).contiguous(), float(occupied.float().mean())
+    )
 
 
 def may_be_nonzero(groups: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,7 @@ def test_compiled_skipping_is_bitwise_and_keeps_pose_gradients(compiled):
     weights = torch.randn(2, 1, 300, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     results = []
     bricks = brick_groups(density)
-    for b in (None, bricks, Bricks(torch.zeros_like(bricks.groups), 0.0)):
+    for b in (None, bricks, Bricks(torch.zeros_like(bricks.occupied), torch.zeros_like(bricks.groups), 0.0)):
         s, t = source.clone().requires_grad_(), target.clone().requires_grad_()
         out = compiled("1", density, affine, s, t, n_samples=45, bricks=b)
         results.append((out.detach(), *torch.autograd.grad((out * weights).sum(), (s, t))))

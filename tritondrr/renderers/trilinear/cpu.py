@@ -90,21 +90,20 @@ def ray_order(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.argsort(key, stable=True)
 
 
-def _gather_sums(density, first, stride, n_samples: int, with_grad: bool = False, k_start=None):
+def _gather_sums(density, first, stride, n_samples: int, with_grad: bool, k_start):
     """sum_k f(first + k * stride) per ray with eight explicit gathers; compiled into one CPU loop.
 
     The same function as ``naive.grid_sample_sums``; under ``torch.compile`` it fuses the sample
     positions, gathers, weights and the sum, so no (R, S, 3) grid is ever written to memory.
     With ``with_grad`` it also returns, from the same gathers, ``sum_k grad f`` and
     ``sum_k k grad f`` (R, 3): the derivatives of the sum with respect to ``first`` and ``stride``.
-    With ``k_start`` (a 0-d tensor, so that compiled code does not specialise on its value) ``k``
-    runs over ``k_start .. k_start + n_samples - 1``: a part of each ray, at the same positions.
+    ``k`` runs over ``k_start .. k_start + n_samples - 1`` (``k_start``: a 0-d tensor, so that
+    compiled code does not specialise on its value): all of each ray, or a part of it, at the same
+    positions.
     """
     size_i, size_j, size_k = density.shape
     flat = density.reshape(-1)
-    k = torch.arange(n_samples, device=first.device, dtype=first.dtype)  # [S]
-    if k_start is not None:
-        k = k + k_start  # exact integers
+    k = torch.arange(n_samples, device=first.device, dtype=first.dtype) + k_start  # [S], exact integers
     points = first[:, None, :] + k[None, :, None] * stride[:, None, :]  # [R, S, 3]
     base = torch.floor(points)
     frac = points - base
@@ -134,14 +133,17 @@ SKIP_GROUP = 256
 
 
 def _skipping_gather_sums(density, first, stride, n_samples: int, with_grad: bool, groups):
-    """``_compiled_gather_sums`` over the part of each group of rays that ``groups`` cannot clear.
+    """``_gathers`` over the part of each group of rays that ``groups`` cannot clear.
 
     Rays come in Morton order (``raymarch``), so ``SKIP_GROUP`` consecutive rays are a compact
     detector tile whose occupied ranges of samples nearly coincide: each group marches from the
     first to the last run of samples (``naive.run_keep``) any of its rays may need. Every sample
     left out is an exact zero; the positions of the others do not change.
     """
-    keep = _compiled_run_keep(groups, first, stride, n_samples)  # [R, n_runs]
+    if n_samples > 1:  # (one sample: a single run, kept; no compiled variant for it)
+        keep = _compiled_run_keep(groups, first.detach(), stride.detach(), n_samples)  # [R, n_runs]
+    else:
+        keep = torch.ones(first.shape[0], 1, dtype=torch.bool, device=first.device)
     n_rays, n_runs = keep.shape
     runs = torch.arange(n_runs, device=first.device)
     begin = torch.where(keep, runs, n_runs).amin(dim=1)  # [R] first run kept (n_runs: none)
@@ -157,16 +159,28 @@ def _skipping_gather_sums(density, first, stride, n_samples: int, with_grad: boo
             zero = first.new_zeros(rays.stop - rays.start)
             parts.append((zero, first.new_zeros(zero.shape + (3,)), first.new_zeros(zero.shape + (3,))) if with_grad else zero)
             continue
-        offset = torch.tensor(float(k_start), dtype=first.dtype)
-        parts.append(_compiled_gather_sums(density, first[rays], stride[rays], k_end - k_start, with_grad, offset))
+        parts.append(_gathers(density, first[rays], stride[rays], k_end - k_start, with_grad, k_start))
     if not with_grad:
         return torch.cat(parts)
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
+def _gathers(density, first, stride, n_samples: int, with_grad: bool, k_start: int = 0):
+    """``_gather_sums`` compiled, with no more variants than torch.compile keeps apart.
+
+    Dynamo recompiles for every new combination of dtypes, flags, ``requires_grad`` and the
+    special sizes 0 and 1, and past its limit (8) falls back to slower eager code: the inputs are
+    detached (the autograd function owns the gradients) and single samples (the end points) run
+    eagerly, leaving dtype x ``with_grad`` variants.
+    """
+    fn = _compiled_gather_sums if n_samples > 1 else _gather_sums
+    offset = torch.tensor(float(k_start), dtype=first.dtype)
+    return fn(density.detach(), first.detach(), stride.detach(), n_samples, with_grad, offset)
+
+
 def _sums(density, first, stride, n_samples, with_grad, groups):
     if groups is None:
-        return _compiled_gather_sums(density, first, stride, n_samples, with_grad)
+        return _gathers(density, first, stride, n_samples, with_grad)
     return _skipping_gather_sums(density, first, stride, n_samples, with_grad, groups)
 
 

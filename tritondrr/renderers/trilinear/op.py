@@ -56,17 +56,17 @@ def _forward_impl(
     labels: torch.Tensor | None = None,
     n_channels: int = 1,
     soft_labels: bool = False,
-    groups: torch.Tensor | None = None,
+    occupied: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return _kernels.raymarch_forward(
         density, source, target, phase, lo, hi, n_samples, labels=labels, n_channels=n_channels, soft_labels=soft_labels,
-        groups=groups,
+        occupied=occupied,
     )  # fmt: skip
 
 
 def _forward_fake(
     density, source, target, phase, lo, hi, n_samples, deterministic, labels=None, n_channels=1, soft_labels=False,
-    groups=None,
+    occupied=None,
 ):  # fmt: skip
     batch, n_rays, _ = target.shape
     return target.new_empty((batch, n_channels if labels is not None else 1, n_rays))
@@ -95,7 +95,7 @@ def _backward_impl(
     labels: torch.Tensor | None = None,
     n_channels: int = 1,
     soft_labels: bool = False,
-    groups: torch.Tensor | None = None,
+    occupied: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_vol, grad_src, grad_tgt = _kernels.raymarch_backward(
         grad_out,
@@ -112,7 +112,7 @@ def _backward_impl(
         labels=labels,
         n_channels=n_channels,
         soft_labels=soft_labels,
-        groups=groups,
+        occupied=occupied,
     )
     # Custom ops return tensors: empty ones stand for gradients nobody asked for.
     if grad_vol is None:
@@ -125,7 +125,7 @@ def _backward_impl(
 
 def _backward_fake(
     grad_out, density, source, target, phase, lo, hi, n_samples, need_pose, need_volume, deterministic,
-    labels=None, n_channels=1, soft_labels=False, groups=None,
+    labels=None, n_channels=1, soft_labels=False, occupied=None,
 ):  # fmt: skip
     grad_vol = density.new_empty(density.shape if need_volume else (0,))
     grad_src = source.new_empty(source.shape if need_pose else (0,))
@@ -137,22 +137,22 @@ _raymarch_backward_op = define_op("tritondrr::raymarch_backward", _backward_impl
 
 
 def _setup_context(ctx, inputs, output):
-    density, source, target, phase, lo, hi, n_samples, deterministic, labels, n_channels, soft_labels, groups = inputs
-    ctx.save_for_backward(density, source, target, phase, labels, groups)
+    density, source, target, phase, lo, hi, n_samples, deterministic, labels, n_channels, soft_labels, occupied = inputs
+    ctx.save_for_backward(density, source, target, phase, labels, occupied)
     ctx.config = (list(lo), list(hi), n_samples, deterministic, n_channels, soft_labels)
 
 
 def _backward(ctx, grad_out):
-    density, source, target, phase, labels, groups = ctx.saved_tensors
+    density, source, target, phase, labels, occupied = ctx.saved_tensors
     lo, hi, n_samples, deterministic, n_channels, soft_labels = ctx.config
     need_volume = ctx.needs_input_grad[0]
     need_pose = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    nones = (None,) * 9  # phase, lo, hi, n_samples, deterministic, labels, n_channels, soft_labels, groups
+    nones = (None,) * 9  # phase, lo, hi, n_samples, deterministic, labels, n_channels, soft_labels, occupied
     if not (need_volume or need_pose):
         return (None, None, None) + nones
     grad_vol, grad_src, grad_tgt = _raymarch_backward_op(
         grad_out.contiguous(), density, source, target, phase, lo, hi, n_samples, need_pose, need_volume, deterministic,
-        labels, n_channels, soft_labels, None if need_volume else groups,
+        labels, n_channels, soft_labels, None if need_volume else occupied,
     )  # fmt: skip
     return (
         grad_vol if need_volume else None,
@@ -257,17 +257,18 @@ def raymarch(
         density = density.contiguous()
     # Rays are O(B N): making them contiguous is cheap.
     phase = phase.detach().to(target.dtype).contiguous()
-    groups = None
+    occupied = None
     if bricks is not None and not (density.requires_grad and torch.is_grad_enabled()):
-        groups = bricks.groups
-        if groups.device != density.device or groups.dtype != torch.uint8 or groups.dim() != 3:
+        occupied = bricks.occupied
+        expected = tuple(n // 8 + 2 for n in density.shape)  # occupancy.BRICK = 8 (the kernels' _skip_empty)
+        if occupied.device != density.device or occupied.dtype != torch.uint8 or tuple(occupied.shape) != expected:
             raise ValueError(
-                f"bricks.groups must be a 3-d uint8 tensor on {density.device}, got {groups.dtype} "
-                f"{tuple(groups.shape)} on {groups.device}"
+                f"bricks.occupied must be a uint8 tensor of shape {expected} on {density.device}, got "
+                f"{occupied.dtype} {tuple(occupied.shape)} on {occupied.device}"
             )
     return _raymarch_op(
         density, source.contiguous(), target.contiguous(), phase, lo_f, hi_f, n_samples, deterministic,
-        labels, n_channels, bool(soft_labels), groups,
+        labels, n_channels, bool(soft_labels), occupied,
     )  # fmt: skip
 
 
