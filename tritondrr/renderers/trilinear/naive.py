@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ...occupancy import BRICK, may_be_nonzero
 from ...volume import clip_rays
 
-__all__ = ["RUN", "raymarch", "grid_sample_sums", "run_keep"]
+__all__ = ["RUN", "raymarch", "grid_sample_sums", "run_keep", "run_span"]
 
 #: Default number of samples alive at once (about 50 MB of float32 per chunk).
 CHUNK_SAMPLES = 1 << 22
@@ -64,6 +64,17 @@ def run_keep(groups, first, stride, n_samples):
     p = first[:, None, :] + k0[None, :, None] * stride[:, None, :]  # [R, n_runs, 3]
     q = first[:, None, :] + k1[None, :, None] * stride[:, None, :]
     return may_be_nonzero(groups, p, q)
+
+
+def run_span(groups, first, stride, n_samples):
+    """Per ray, the first run ``run_keep`` keeps and one past the last, (R,) int64 each (``n_runs``
+    and 0 when it keeps none): the range of runs a ray needs."""
+    keep = run_keep(groups, first, stride, n_samples)  # [R, n_runs]
+    n_runs = keep.shape[1]
+    runs = torch.arange(n_runs, device=first.device)
+    begin = torch.where(keep, runs, n_runs).amin(dim=1)
+    end = torch.where(keep, runs + 1, 0).amax(dim=1)
+    return begin, end
 
 
 def _grid_sample_sums_any(density, first, stride, n_samples, cache=None, groups=None):
