@@ -80,6 +80,12 @@ or per corner (soft), the upstream gradient of its channel ``sig = grad_out[b, l
 the single-channel formulas above with ``omega sig`` in place of ``w omega``: the labels are
 piecewise constant, so they carry no pose gradient. Volume gradient: ``L/S omega sig`` times the
 corner weights.
+
+Empty-space skipping (``SKIP``, a constexpr; tritondrr.occupancy): each sample looks up its brick
+in a small uint8 table and, where the brick is empty, drops out of the mask of its eight gathers
+(and of the label gathers): it is an exact zero, and so is its contribution to the pose
+gradient, so results do not change and masked loads move no memory. Not for the volume gradient
+(non-zero in empty space) nor for pools.
 """
 
 from __future__ import annotations

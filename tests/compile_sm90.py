@@ -75,7 +75,7 @@ def _channels(channels: int, soft: bool) -> dict:
 
 
 def _forward(
-    vol: str, rays: str, int64: bool, ones=(), block_r=64, block_s=32, channels=1, soft=False, pool=False, skip=False
+    vol: str, rays: str, int64: bool, ones=(), block_r=16, block_s=16, channels=1, soft=False, pool=False, skip=False
 ):
     sig = {
         "vol_ptr": _PTR[vol],
@@ -107,7 +107,7 @@ def _forward(
 
 
 def _backward(
-    vol, rays, int64, pose, volume, det, ones=(), block_r=32, block_s=32, channels=1, soft=False, pool=False, skip=False
+    vol, rays, int64, pose, volume, det, ones=(), block_r=32, block_s=16, channels=1, soft=False, pool=False, skip=False
 ):
     acc = "i64" if det else ("fp64" if vol == "fp64" else "fp32")
     sig = {
@@ -154,7 +154,7 @@ def specialisations() -> dict:
     specs["fwd-fp64-rays-fp64"] = _forward("fp64", "fp64", False)
     # Ints equal to 1 become constexpr on the GPU: K = 1 volumes, one ray, one sample, 1-D blocks.
     specs["fwd-ones"] = _forward("fp32", "fp32", False, ones=("n_rays", "size_k", "stride_j", "n_samples"))
-    specs["fwd-small-blocks"] = _forward("fp32", "fp32", False, block_r=16, block_s=16)
+    specs["fwd-large-blocks"] = _forward("fp32", "fp32", False, block_r=64, block_s=32)
     for pose, volume, det in ((1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 1, 1), (1, 1, 1)):
         for int64 in (False, True):
             name = f"bwd-pose{pose}-vol{volume}-det{det}-fp32-{'i64' if int64 else 'i32'}"
@@ -168,8 +168,8 @@ def specialisations() -> dict:
     # Labelmap channels: hard and soft labels, a non-power-of-two C, the largest C the kernels take.
     for soft in (False, True):
         kind = "soft" if soft else "hard"
-        specs[f"fwd-{kind}-c5-fp32-i32"] = _forward("fp32", "fp32", False, channels=5, soft=soft)
-        specs[f"fwd-{kind}-c32-bf16-i64"] = _forward("bf16", "fp32", True, channels=32, soft=soft)
+        specs[f"fwd-{kind}-c5-fp32-i32"] = _forward("fp32", "fp32", False, block_r=64, channels=5, soft=soft)
+        specs[f"fwd-{kind}-c32-bf16-i64"] = _forward("bf16", "fp32", True, block_r=64, channels=32, soft=soft)
         specs[f"bwd-{kind}-c5-pose1-vol1-det0-fp32-i32"] = _backward(
             "fp32", "fp32", False, True, True, False, channels=5, soft=soft
         )

@@ -65,7 +65,7 @@ def test_compiled_kernels_have_eight_gathers_or_eight_atomics_per_sample(tmp_pat
     pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    names = ["fwd-small-blocks", "bwd-pose1-vol0-det0-fp32-i32", "bwd-pose0-vol1-det0-fp32-i32"]
+    names = ["fwd-large-blocks", "fwd-skip-fp32-i32", "bwd-pose1-vol0-det0-fp32-i32", "bwd-pose0-vol1-det0-fp32-i32"]
     done = subprocess.run([sys.executable, str(REPO / "bench" / "sass_count.py"), "--no-grid", "--out", str(tmp_path),
                            *names], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -78,6 +78,8 @@ def test_compiled_kernels_have_eight_gathers_or_eight_atomics_per_sample(tmp_pat
         gathers, atomics = row["per_sample"]["ldg"], row["per_sample"]["atom"]
         if "vol1" in name and "pose0" in name:
             assert (gathers, atomics) == (0, 8)
+        elif "skip" in name:  # the eight gathers and the brick lookup of empty-space skipping
+            assert (gathers, atomics) == (9, 0)
         else:
             assert (gathers, atomics) == (8, 0)
-    assert (tmp_path / "sass-sm90.md").read_text().count("| fwd-small-blocks |") == 1
+    assert (tmp_path / "sass-sm90.md").read_text().count("| fwd-large-blocks |") == 1
