@@ -12,6 +12,12 @@ from tritondrr.render import render
 
 @pytest.fixture
 def compiled(monkeypatch):
+    from tritondrr import _config
+
+    # The command line's in-process tests turn compilation off for the process (set_compile):
+    # back to the environment, which each call below sets.
+    monkeypatch.setattr(_config, "_compile_override", None)
+
     def run(flag, *args, **kwargs):
         monkeypatch.setenv("TRITONDRR_COMPILE", flag)
         return render(*args, **kwargs)
@@ -85,7 +91,7 @@ def test_ray_order_is_a_permutation_that_keeps_detector_neighbours_together():
     assert int(rows.max() - rows.min()) < 12 and int(cols.max() - cols.min()) < 12
 
 
-def test_compiled_skipping_is_bitwise_and_keeps_pose_gradients(compiled):
+def test_compiled_skipping_is_bitwise_and_keeps_pose_gradients(compiled, monkeypatch):
     """Empty-space skipping in the compiled path: each tile of rays marches a shorter range of the
     same samples (positions k stride from the same first point): bitwise the same sums, images and
     pose gradients, over more than one tile (300 rays) with rays that miss and rays of length 0."""
@@ -102,10 +108,16 @@ def test_compiled_skipping_is_bitwise_and_keeps_pose_gradients(compiled):
     weights = torch.randn(2, 1, 300, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     results = []
     bricks = brick_groups(density)
+    from tritondrr.renderers.trilinear import cpu
+
+    calls = []
+    skipping = cpu._skipping_gather_sums
+    monkeypatch.setattr(cpu, "_skipping_gather_sums", lambda *a: calls.append(1) or skipping(*a))
     for b in (None, bricks, Bricks(torch.zeros_like(bricks.occupied), torch.zeros_like(bricks.groups), 0.0)):
         s, t = source.clone().requires_grad_(), target.clone().requires_grad_()
         out = compiled("1", density, affine, s, t, n_samples=45, bricks=b)
         results.append((out.detach(), *torch.autograd.grad((out * weights).sum(), (s, t))))
+    assert calls  # the compiled path skipped (not grid_sample)
     assert float(results[0][0].abs().max()) > 1.0
     for a, b in zip(results[0], results[1]):
         assert torch.equal(a, b)
