@@ -169,12 +169,20 @@ def _gathers(density, first, stride, n_samples: int, with_grad: bool, k_start: i
 
     Dynamo recompiles for every new combination of dtypes, flags, ``requires_grad`` and the
     special sizes 0 and 1, and past its limit (8) falls back to slower eager code: the inputs are
-    detached (the autograd function owns the gradients) and single samples (the end points) run
-    eagerly, leaving dtype x ``with_grad`` variants.
+    detached (the autograd function owns the gradients) and single samples (the end points) have
+    their own compiled function, leaving dtype x ``with_grad`` variants of each.
     """
-    fn = _compiled_gather_sums if n_samples > 1 else _gather_sums
     offset = torch.tensor(float(k_start), dtype=first.dtype)
-    return fn(density.detach(), first.detach(), stride.detach(), n_samples, with_grad, offset)
+    density, first, stride = density.detach(), first.detach(), stride.detach()
+    if n_samples == 1:
+        return _compiled_point_sums(density, first, stride, with_grad, offset)
+    return _compiled_gather_sums(density, first, stride, n_samples, with_grad, offset)
+
+
+def _point_sums(density, first, stride, with_grad: bool, k_start):
+    """``_gather_sums`` of one sample per ray (the end points): compiled on its own, so that the
+    size 1 is not one more variant of the sample loop's compiled code."""
+    return _gather_sums(density, first, stride, 1, with_grad, k_start)
 
 
 def _sums(density, first, stride, n_samples, with_grad, groups):
@@ -224,19 +232,21 @@ class _GatherSums(torch.autograd.Function):
 
 
 _compiled_gather_sums = None
+_compiled_point_sums = None
 _compiled_run_span = None
 
 
 def compiled_sums(density, first, stride, n_samples, cache=None, groups=None):
     """``sum_k f(first + k stride)`` per ray by the compiled gathers (``naive.raymarch``'s ``sums``),
     skipping the runs of samples that the occupancy ``groups`` clear when given."""
-    global _compiled_gather_sums, _compiled_run_span
+    global _compiled_gather_sums, _compiled_point_sums, _compiled_run_span
     if _compiled_gather_sums is None:
         _log.warning(
             "compiling the CPU ray marcher with torch.compile: the first renders take 10-60 s "
             "(once per process, cached on disk); set TRITONDRR_COMPILE=0 to use grid_sample instead"
         )
         _compiled_gather_sums = torch.compile(_gather_sums, dynamic=True)
+        _compiled_point_sums = torch.compile(_point_sums, dynamic=True)
         _compiled_run_span = torch.compile(naive.run_span, dynamic=True)
     return _GatherSums.apply(density, first, stride, n_samples, cache, groups)
 
