@@ -10,8 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tritondrr import Subject, DRR
-from tritondrr.occupancy import BRICK, Bricks, brick_groups, may_be_nonzero, occupied_interval
+from tritondrr import DRR, Subject
+from tritondrr.occupancy import (
+    BRICK,
+    Bricks,
+    brick_groups,
+    may_be_nonzero,
+    occupied_interval,
+)
 from tritondrr.render import render
 from tritondrr.volume import Volume, occupied_box
 
@@ -161,6 +167,7 @@ def test_the_volume_gradient_ignores_the_bricks(backend, renderer):
 
 def test_triton_kernel_skipping_is_bitwise():
     from tritondrr.kernels import trilinear as kernels
+
     from tritondrr.renderers._sampling import ray_phases
 
     v = sparse_volume(dtype=torch.float32)

