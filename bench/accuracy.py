@@ -21,7 +21,6 @@ the rows into the forward rows of ``<device-slug>.json`` beside it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -55,18 +54,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     scene = B.load_scene()
-    result = {
-        "profile": B.profile().name,
-        "device": B.device_name(device),
-        "device_type": device.type,
-        "scene": scene.name,
-        "volume_shape": list(scene.shape),
-        "versions": B.versions(),
-        "git": B.git_state(),
-        "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "rows": [],
-        "skipped": [],
-    }
+    result = {"profile": B.profile().name, **B.run_header(device, scene), "rows": [], "skipped": []}
     path = args.json or os.path.join(args.out, f"{B.device_slug(device)}-accuracy.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     for size in B.sizes():

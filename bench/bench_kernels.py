@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import functools
 import importlib
 import json
@@ -405,6 +404,7 @@ def main(argv=None) -> int:
         parser.error("without a GPU run under TRITON_INTERPRET=1 (the dry run): Triton kernels need CUDA otherwise")
 
     import drrbench as B
+
     from tritondrr.renderers import RENDERER_NAMES
 
     names = list(args.renderers or RENDERER_NAMES)
@@ -414,13 +414,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     p = problem(args.size, device)
     result = {
-        "device": B.device_name(device),
-        "device_type": device.type,
+        **B.run_header(device),
         "interpreter": interpreting(),
         "timer": timer_name(),
-        "versions": B.versions(),
-        "git": B.git_state(),
-        "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "problem": p["describe"],
         "configs": CONFIGS,
         "rows": [],

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import datetime
 import importlib
 import math
 import os
@@ -226,6 +227,19 @@ def versions() -> dict:
         except Exception:  # noqa: BLE001
             out[name] = None
     return out
+
+
+def run_header(device: torch.device, scene=None) -> dict:
+    """What every results file records about its run: device, versions, revision, date (and scene)."""
+    header = {"device": device_name(device), "device_type": device.type}
+    if scene is not None:
+        header.update(scene=scene.name, volume_shape=list(scene.shape))
+    header.update(
+        versions=versions(),
+        git=git_state(),
+        datetime=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    return header
 
 
 # -- peak memory ---------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ Writes ``<out>/<device-slug>-skipping.json`` and ``.md`` (``--json FILE``: that 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -122,18 +121,7 @@ def main(argv=None) -> int:
     size = args.size or ("gpu" if device.type == "cuda" else "cpu")
     scene = B.tiny_scene() if size == "dry" else B.load_scene()
     path = args.json or os.path.join(args.out, f"{B.device_slug(device)}-skipping.json")
-    result = {
-        "size": size,
-        "device": B.device_name(device),
-        "device_type": device.type,
-        "scene": scene.name,
-        "volume_shape": list(scene.shape),
-        "versions": B.versions(),
-        "git": B.git_state(),
-        "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "json": os.path.basename(path),
-        "rows": [],
-    }
+    result = {"size": size, **B.run_header(device, scene), "json": os.path.basename(path), "rows": []}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     for pixels in SIZES[size]:
         for name in RENDERERS:
