@@ -77,17 +77,24 @@ def run_span(groups, first, stride, n_samples):
     return begin, end
 
 
+def _kept_runs(density, groups, first, stride, n_samples):
+    """The runs of samples the occupancy groups cannot clear, at their usual positions: the ray of
+    each (M,), grid_sample's grid of their samples (1, M, RUN, 1, 3) and which samples exist
+    (M, RUN) (the last run of a ray may pass sample S - 1)."""
+    rays, run = run_keep(groups, first, stride, n_samples).nonzero(as_tuple=True)  # [M], [M]
+    k0 = run.to(first.dtype) * RUN
+    grid = _grid(density, first[rays], stride[rays], RUN, k0)
+    valid = k0[:, None] + torch.arange(RUN, device=first.device, dtype=first.dtype) < n_samples
+    return rays, grid, valid
+
+
 def _grid_sample_sums_any(density, first, stride, n_samples, cache=None, groups=None):
     if groups is None:
         return grid_sample_sums(density, first, stride, n_samples)
-    # Empty-space skipping: only the runs the occupancy groups cannot clear, at the same positions.
-    ray, run = run_keep(groups, first, stride, n_samples).nonzero(as_tuple=True)  # [M], [M]
-    k0 = run.to(first.dtype) * RUN
-    grid = _grid(density, first[ray], stride[ray], RUN, k0)  # [1, M, RUN, 1, 3]
+    rays, grid, valid = _kept_runs(density, groups, first, stride, n_samples)  # empty-space skipping
     values = F.grid_sample(density[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    k = k0[:, None] + torch.arange(RUN, device=first.device, dtype=first.dtype)  # [M, RUN]
-    parts = torch.where(k < n_samples, values[0, 0, :, :, 0], 0.0).sum(dim=-1)  # [M]
-    return first.new_zeros(first.shape[0]).index_add_(0, ray, parts)
+    parts = torch.where(valid, values[0, 0, :, :, 0], 0.0).sum(dim=-1)  # [M]
+    return first.new_zeros(first.shape[0]).index_add_(0, rays, parts)
 
 
 def _march(density, labels, n_channels, source, target, phase, lo, hi, n_samples, sums, cache=None, groups=None):
@@ -116,11 +123,8 @@ def _march(density, labels, n_channels, source, target, phase, lo, hi, n_samples
     if groups is None:
         sample_grid = _grid(density, first, stride, n_samples)  # [1, R, S, 1, 3]
         valid = None
-    else:  # only the runs of samples the occupancy groups cannot clear, at the same positions
-        rays, run = run_keep(groups, first, stride, n_samples).nonzero(as_tuple=True)  # [M], [M]
-        k0 = run.to(first.dtype) * RUN
-        sample_grid = _grid(density, first[rays], stride[rays], RUN, k0)  # [1, M, RUN, 1, 3]
-        valid = k0[:, None] + torch.arange(RUN, device=first.device, dtype=first.dtype) < n_samples
+    else:  # empty-space skipping
+        rays, sample_grid, valid = _kept_runs(density, groups, first, stride, n_samples)
     points = ends.view(2, -1, 3).transpose(0, 1)  # [R, 2, 3] the two end points of each ray
     end_grid = _grid(density, points[:, 0], points[:, 1] - points[:, 0], 2)  # as a 2-sample grid
     for grid, weight in ((sample_grid, None), (end_grid, end_weight.view(2, -1).T)):

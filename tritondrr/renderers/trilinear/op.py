@@ -152,7 +152,7 @@ def _backward(ctx, grad_out):
         return (None, None, None) + nones
     grad_vol, grad_src, grad_tgt = _raymarch_backward_op(
         grad_out.contiguous(), density, source, target, phase, lo, hi, n_samples, need_pose, need_volume, deterministic,
-        labels, n_channels, soft_labels, None if need_volume else occupied,
+        labels, n_channels, soft_labels, occupied,
     )  # fmt: skip
     return (
         grad_vol if need_volume else None,
